@@ -1,0 +1,68 @@
+//! What one profile file holds, decrypted. Serialized as JSON inside age.
+
+use kontext_broker_protocol::{Secret, Token};
+use serde::{Deserialize, Serialize};
+
+/// Current on-disk format version of [`ProfileRecord`].
+pub const PROFILE_FORMAT_VERSION: u32 = 1;
+
+/// Endpoints found by discovery (OIDC, or RFC 8414 as a fallback).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Endpoints {
+    pub token: String,
+    pub authorization: Option<String>,
+    pub revocation: Option<String>,
+    pub device_authorization: Option<String>,
+    pub registration: Option<String>,
+    pub userinfo: Option<String>,
+    pub introspection: Option<String>,
+    pub jwks_uri: Option<String>,
+}
+
+/// The cached access token, persisted so a restart need not refresh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAccessToken {
+    pub token: Secret,
+    pub token_type: String,
+    /// Unix seconds.
+    pub issued_at: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub scopes: Vec<String>,
+}
+
+/// Everything the broker keeps about one profile.
+///
+/// Invariant: `refresh_token` is `None` exactly when the profile needs a new
+/// login (`reauth_required`); the metadata stays so the login can reuse it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub format_version: u32,
+    pub name: String,
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub endpoints: Endpoints,
+    /// Subject or email from the ID token, for display only.
+    pub subject: Option<String>,
+    pub refresh_token: Option<Secret>,
+    pub access_token: Option<StoredAccessToken>,
+    /// Generation of `access_token`; +1 for every new token.
+    pub generation: u64,
+}
+
+impl ProfileRecord {
+    /// The cached access token as served to clients, if any.
+    pub fn token(&self) -> Option<Token> {
+        self.access_token.as_ref().map(|a| Token {
+            access_token: a.token.clone(),
+            token_type: a.token_type.clone(),
+            expires_at: a.expires_at,
+            issued_at: a.issued_at,
+            generation: self.generation,
+            scopes: a.scopes.clone(),
+        })
+    }
+}
