@@ -83,15 +83,22 @@ impl Config {
     pub fn parse(text: &str) -> std::result::Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         if !(0.1..=0.95).contains(&config.refresh_at) {
-            return Err(format!("refresh_at must be between 0.1 and 0.95, got {}", config.refresh_at));
+            return Err(format!(
+                "refresh_at must be between 0.1 and 0.95, got {}",
+                config.refresh_at
+            ));
         }
         if !(0.0..=0.2).contains(&config.refresh_jitter) {
-            return Err(format!("refresh_jitter must be between 0 and 0.2, got {}", config.refresh_jitter));
+            return Err(format!(
+                "refresh_jitter must be between 0 and 0.2, got {}",
+                config.refresh_jitter
+            ));
         }
         if config.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
-        if config.backoff_initial_secs == 0 || config.backoff_max_secs < config.backoff_initial_secs {
+        if config.backoff_initial_secs == 0 || config.backoff_max_secs < config.backoff_initial_secs
+        {
             return Err("need 0 < backoff_initial_secs <= backoff_max_secs".into());
         }
         Ok(config)
@@ -99,7 +106,10 @@ impl Config {
 
     /// The message every client gets when a refresh token is dead.
     pub fn reauth_message(&self) -> String {
-        format!("Session expired, run `{}` to re-authenticate", self.reauth_command)
+        format!(
+            "Session expired, run `{}` to re-authenticate",
+            self.reauth_command
+        )
     }
 }
 
@@ -116,9 +126,13 @@ mod tests {
             c.reauth_message(),
             "Session expired, run `kontext login` to re-authenticate"
         );
-        let c = Config::parse("identity = \"passphrase\"\nreauth_command = \"acme login\"\n").unwrap();
+        let c =
+            Config::parse("identity = \"passphrase\"\nreauth_command = \"acme login\"\n").unwrap();
         assert_eq!(c.identity, IdentityKind::Passphrase);
-        assert_eq!(c.reauth_message(), "Session expired, run `acme login` to re-authenticate");
+        assert_eq!(
+            c.reauth_message(),
+            "Session expired, run `acme login` to re-authenticate"
+        );
     }
 
     #[test]
