@@ -43,6 +43,9 @@ pub struct Config {
     pub backoff_initial_secs: u64,
     /// Longest retry delay, seconds.
     pub backoff_max_secs: u64,
+    /// log2 of the scrypt work factor for a new passphrase identity. `None` lets
+    /// age calibrate (about 1 s). Tests set a small value.
+    pub scrypt_work_factor: Option<u8>,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             http_timeout_secs: 15,
             backoff_initial_secs: 1,
             backoff_max_secs: 300,
+            scrypt_work_factor: None,
         }
     }
 }
