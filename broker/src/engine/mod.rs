@@ -1,1 +1,322 @@
-//! (in progress)
+//! The token engine: one actor task per profile, the only code that calls that
+//! profile's token endpoint (SPEC §5).
+//!
+//! Invariants:
+//! - At most one job (a token-endpoint call or a persist retry) runs per profile;
+//!   it exists exactly while the phase is [`Phase::Busy`]. Every caller that needs
+//!   its result waits on it (single-flight).
+//! - All writes of a profile's file happen inside that profile's jobs or the actor
+//!   itself, so they are serialized; a replacement (import/login) waits for the
+//!   running job to finish first.
+//! - A rotated refresh token is saved before the new access token is served: a
+//!   token whose record is not durable is never handed out.
+//! - After the IdP rejects the grant the phase is [`Phase::ReauthRequired`] and no
+//!   job is ever started again until the record is replaced.
+//!
+//! The fast path ([`EngineHandle::get_token`]) reads a published [`Snapshot`] and
+//! does not touch the actor while the cached token is good enough.
+
+mod actor;
+pub mod policy;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kontext_broker_protocol::{
+    BrokerError, ProfileState, ProfileStatus, Secret, Token, WatchEvent,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::ProfileRecord;
+
+pub use actor::spawn;
+
+/// Tuning of the engines, from [`Config`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Fraction of the lifetime at which to refresh proactively.
+    pub refresh_at: f64,
+    /// Largest fraction of the lifetime by which a deadline is moved earlier.
+    pub refresh_jitter: f64,
+    /// First retry delay after a transient failure.
+    pub backoff_initial: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Randomize backoff delays (off only in tests that assert exact schedules).
+    pub backoff_jitter: bool,
+    /// "Session expired, run `…` to re-authenticate".
+    pub reauth_message: String,
+}
+
+impl EngineConfig {
+    /// Engine settings from the broker config.
+    pub fn from_config(config: &Config) -> Self {
+        EngineConfig {
+            refresh_at: config.refresh_at,
+            refresh_jitter: config.refresh_jitter,
+            backoff_initial: Duration::from_secs(config.backoff_initial_secs),
+            backoff_max: Duration::from_secs(config.backoff_max_secs),
+            backoff_jitter: true,
+            reauth_message: config.reauth_message(),
+        }
+    }
+}
+
+/// A successful token-endpoint answer.
+#[derive(Debug)]
+pub struct Refreshed {
+    pub access_token: Secret,
+    pub token_type: String,
+    /// `None` when the IdP omitted `expires_in`.
+    pub expires_in: Option<Duration>,
+    /// `Some` when the IdP rotated the refresh token.
+    pub refresh_token: Option<Secret>,
+    /// `Some` when the IdP said which scopes were granted.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Why a refresh failed, classified as SPEC §5 requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshError {
+    /// `invalid_grant`, `invalid_client` or `unauthorized_client`: the grant is dead.
+    Rejected(String),
+    /// Anything else: network, timeout, 5xx, 429, `invalid_request`, garbage.
+    Transient(String),
+}
+
+/// Calls a profile's token endpoint. The real one is [`crate::idp::Idp`].
+pub trait TokenEndpoint: Send + Sync + 'static {
+    /// Runs the refresh-token grant with `record`'s refresh token and client.
+    fn refresh(&self, record: ProfileRecord)
+        -> BoxFuture<'static, Result<Refreshed, RefreshError>>;
+}
+
+/// Durable storage of profile records. The real one is [`crate::store::Store`].
+pub trait Persist: Send + Sync + 'static {
+    /// Atomically replaces the record's file. Blocking; engines call it off the runtime.
+    fn save(&self, record: &ProfileRecord) -> crate::Result<()>;
+}
+
+/// What an engine needs from the outside world.
+#[derive(Clone)]
+pub struct EngineDeps {
+    pub clock: Arc<dyn Clock>,
+    pub endpoint: Arc<dyn TokenEndpoint>,
+    pub persist: Arc<dyn Persist>,
+    pub config: EngineConfig,
+}
+
+/// What the actor publishes for readers after every change.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The current token, only if durable and not reported rejected.
+    pub token: Option<Token>,
+    /// Coarse phase, for the fast path and status.
+    pub phase: PhaseKind,
+    /// When a proactive refresh is due (wall ms), if a token exists.
+    pub refresh_due_ms: Option<u64>,
+    /// Status fields except the time-derived state.
+    pub status: ProfileStatus,
+}
+
+/// The public face of [`actor::Phase`], without waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseKind {
+    Idle,
+    Busy,
+    Backoff { until_ms: u64 },
+    ReauthRequired,
+}
+
+impl Snapshot {
+    /// The profile's state at `now_ms`, as `status` shows it.
+    pub fn state(&self, now_ms: u64) -> ProfileState {
+        match self.phase {
+            PhaseKind::Busy => ProfileState::Refreshing,
+            PhaseKind::Backoff { .. } => ProfileState::Backoff,
+            PhaseKind::ReauthRequired => ProfileState::ReauthRequired,
+            PhaseKind::Idle => match &self.token {
+                Some(t) if policy::unexpired(t, now_ms) => ProfileState::Valid,
+                _ => ProfileState::Expired,
+            },
+        }
+    }
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<Token, BrokerError>>;
+
+/// Messages to the actor.
+pub(crate) enum Command {
+    GetToken {
+        min_valid_secs: u64,
+        reply: Reply,
+    },
+    Invalidate {
+        generation: u64,
+        reply: Reply,
+    },
+    Refresh {
+        reply: Reply,
+    },
+    /// The fast path served a token past its refresh deadline: re-evaluate.
+    Nudge,
+    /// Replace the record (import or login); saved by the actor before use.
+    Replace {
+        record: Box<ProfileRecord>,
+        reply: oneshot::Sender<crate::Result<ProfileStatus>>,
+    },
+    /// Finish the running job, then stop and hand back the final record.
+    Stop {
+        reply: oneshot::Sender<ProfileRecord>,
+    },
+}
+
+/// A handle to one profile's engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    name: Arc<str>,
+    tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
+    events: broadcast::Sender<WatchEvent>,
+    last_served_ms: Arc<AtomicU64>,
+    clock: Arc<dyn Clock>,
+    reauth_message: Arc<str>,
+}
+
+impl EngineHandle {
+    /// The profile name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A token valid for at least `min_valid_secs` (capped as SPEC §5 says).
+    pub async fn get_token(&self, min_valid_secs: u64) -> Result<Token, BrokerError> {
+        let now = self.clock.now_ms();
+        {
+            let snap = self.snapshot.borrow();
+            if let Some(token) = &snap.token {
+                if snap.phase != PhaseKind::ReauthRequired
+                    && policy::serves(token, now, min_valid_secs)
+                {
+                    self.last_served_ms.store(now, Ordering::Relaxed);
+                    if snap.phase == PhaseKind::Idle
+                        && snap.refresh_due_ms.is_some_and(|d| now >= d)
+                    {
+                        // Past the proactive deadline: let the actor decide. A full
+                        // queue means it already has work, so dropping is fine.
+                        let _ = self.tx.try_send(Command::Nudge);
+                    }
+                    return Ok(token.clone());
+                }
+            }
+        }
+        self.ask(|reply| Command::GetToken {
+            min_valid_secs,
+            reply,
+        })
+        .await
+    }
+
+    /// A client says the token of `generation` was rejected.
+    pub async fn invalidate(&self, generation: u64) -> Result<Token, BrokerError> {
+        self.ask(|reply| Command::Invalidate { generation, reply })
+            .await
+    }
+
+    /// Refreshes now, or joins the refresh already running.
+    pub async fn refresh(&self) -> Result<Token, BrokerError> {
+        self.ask(|reply| Command::Refresh { reply }).await
+    }
+
+    /// Replaces the record (after import or login), saving it first.
+    pub async fn replace(&self, record: ProfileRecord) -> crate::Result<ProfileStatus> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Replace {
+                record: Box::new(record),
+                reply,
+            })
+            .await
+            .map_err(|_| self.gone_internal())?;
+        rx.await.map_err(|_| self.gone_internal())?
+    }
+
+    /// Stops the engine after its running job (if any) has saved its result.
+    /// Returns the final record, or `None` if the actor was already gone.
+    pub async fn stop(&self) -> Option<ProfileRecord> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Stop { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The profile's status at the current time.
+    pub fn status(&self) -> ProfileStatus {
+        let snap = self.snapshot.borrow();
+        let mut status = snap.status.clone();
+        status.state = snap.state(self.clock.now_ms());
+        status
+    }
+
+    /// Subscribes to events, starting with the current state.
+    pub fn subscribe(&self) -> (Vec<WatchEvent>, broadcast::Receiver<WatchEvent>) {
+        // Subscribe before reading the snapshot so no change falls in between.
+        let rx = self.events.subscribe();
+        (self.current_events(), rx)
+    }
+
+    /// The events that describe the current state to a new (or lagging) watcher.
+    pub fn current_events(&self) -> Vec<WatchEvent> {
+        let snap = self.snapshot.borrow();
+        let profile = self.name.to_string();
+        let now = self.clock.now_ms();
+        match (&snap.phase, &snap.token) {
+            (PhaseKind::ReauthRequired, _) => vec![WatchEvent::ReauthRequired {
+                profile,
+                message: self.reauth_message.to_string(),
+            }],
+            (_, Some(token)) if policy::unexpired(token, now) => vec![WatchEvent::Token {
+                profile,
+                token: token.clone(),
+            }],
+            _ => vec![WatchEvent::State {
+                profile,
+                state: snap.state(now),
+                generation: snap.status.generation,
+                expires_at: snap.status.access_token_expires_at,
+            }],
+        }
+    }
+
+    /// The sender watchers subscribe to (the service also sends `Removed` on it).
+    pub fn events(&self) -> &broadcast::Sender<WatchEvent> {
+        &self.events
+    }
+
+    async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<Token, BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| self.gone())?;
+        let result = rx.await.map_err(|_| self.gone())?;
+        if result.is_ok() {
+            self.last_served_ms
+                .store(self.clock.now_ms(), Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn gone(&self) -> BrokerError {
+        BrokerError::UnknownProfile {
+            profile: self.name.to_string(),
+        }
+    }
+
+    fn gone_internal(&self) -> crate::Error {
+        crate::Error::UnknownProfile(self.name.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,685 @@
+//! The per-profile actor: owns the record and the phase, runs one job at a time.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use kontext_broker_protocol::{BrokerError, ProfileState, ProfileStatus, Token, WatchEvent};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::policy::{self, Backoff};
+use super::{
+    Command, EngineDeps, EngineHandle, PhaseKind, RefreshError, Refreshed, Reply, Snapshot,
+};
+use crate::clock::MAX_SLEEP;
+use crate::store::{ProfileRecord, StoredAccessToken};
+
+/// Lifetime assumed when the IdP omits `expires_in` and no earlier token tells us
+/// better. Short on purpose: a wrong guess costs one early refresh, not a 401 storm.
+const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Commands queued per engine before senders wait.
+const QUEUE: usize = 256;
+
+/// Starts the engine for `record`. `events` is the profile's watcher channel; it
+/// outlives engines so watchers survive lock/unlock and re-login.
+pub fn spawn(
+    record: ProfileRecord,
+    deps: EngineDeps,
+    events: broadcast::Sender<WatchEvent>,
+) -> EngineHandle {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let last_served_ms = Arc::new(AtomicU64::new(0));
+    let backoff = Backoff::new(
+        deps.config.backoff_initial,
+        deps.config.backoff_max,
+        deps.config.backoff_jitter,
+    );
+    let phase = if record.refresh_token.is_some() {
+        Phase::Idle
+    } else {
+        Phase::ReauthRequired
+    };
+    let mut actor = Actor {
+        record,
+        durable: true,
+        rejected: false,
+        phase,
+        jitter_draw: rand::random(),
+        backoff,
+        counters: Counters::default(),
+        deps: deps.clone(),
+        events: events.clone(),
+        snapshot: watch::Sender::new(placeholder_snapshot()),
+        last_served_ms: last_served_ms.clone(),
+        published: Published::default(),
+    };
+    // `published` starts empty, so watchers that outlived a previous engine of
+    // this profile (lock/unlock, re-login) get the current token pushed at once.
+    let snapshot = actor.snapshot.subscribe();
+    actor.publish();
+    let handle = EngineHandle {
+        name: actor.record.name.clone().into(),
+        tx,
+        snapshot,
+        events,
+        last_served_ms,
+        clock: deps.clock.clone(),
+        reauth_message: deps.config.reauth_message.clone().into(),
+    };
+    tokio::spawn(actor.run(rx));
+    handle
+}
+
+/// Where the engine is. `Busy` exists exactly while a job runs.
+enum Phase {
+    /// No job. The token may be valid, due for refresh, or expired.
+    Idle,
+    /// A job runs; `waiters` get its outcome.
+    Busy { waiters: Vec<Reply> },
+    /// The last job failed transiently; no new job before `until_ms` unless forced.
+    Backoff { until_ms: u64 },
+    /// The grant is dead. Terminal until the record is replaced.
+    ReauthRequired,
+}
+
+impl Phase {
+    fn kind(&self) -> PhaseKind {
+        match self {
+            Phase::Idle => PhaseKind::Idle,
+            Phase::Busy { .. } => PhaseKind::Busy,
+            Phase::Backoff { until_ms } => PhaseKind::Backoff {
+                until_ms: *until_ms,
+            },
+            Phase::ReauthRequired => PhaseKind::ReauthRequired,
+        }
+    }
+}
+
+/// Work done off the actor.
+enum Job {
+    /// Call the token endpoint, then save the result.
+    Refresh(ProfileRecord),
+    /// Retry saving a record whose save failed (it holds a rotated refresh token).
+    Save(ProfileRecord),
+}
+
+enum JobResult {
+    Refreshed {
+        record: ProfileRecord,
+        saved: Result<(), String>,
+    },
+    Saved {
+        saved: Result<(), String>,
+    },
+    Rejected {
+        detail: String,
+        record: ProfileRecord,
+        saved: Result<(), String>,
+    },
+    Transient {
+        detail: String,
+    },
+}
+
+#[derive(Default)]
+struct Counters {
+    refresh_count: u64,
+    refresh_failures: u64,
+    last_refresh_at: Option<u64>,
+    last_error: Option<String>,
+}
+
+/// What watchers were last told, so every change is pushed exactly once.
+#[derive(Default)]
+struct Published {
+    state: Option<ProfileState>,
+    token_generation: u64,
+}
+
+struct Actor {
+    /// Newest known record. Ahead of the disk exactly when `durable` is false.
+    record: ProfileRecord,
+    durable: bool,
+    /// A client reported the current generation rejected; do not serve it again.
+    rejected: bool,
+    phase: Phase,
+    /// Drawn once per token so its deadline does not move between checks.
+    jitter_draw: f64,
+    backoff: Backoff,
+    counters: Counters,
+    deps: EngineDeps,
+    events: broadcast::Sender<WatchEvent>,
+    snapshot: watch::Sender<Snapshot>,
+    last_served_ms: Arc<AtomicU64>,
+    published: Published,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobResult>();
+        loop {
+            // Deadlines are evaluated on every turn, not only when a timer fires,
+            // so a deadline that passed while the actor was busy (or not yet
+            // running) is never missed.
+            if let Some(job) = self.on_wake() {
+                self.start(job, done_tx.clone());
+                self.publish();
+            }
+            let sleep = self.deps.clock.sleep(self.next_wake_in());
+            let job = tokio::select! {
+                Some(result) = done_rx.recv() => {
+                    self.finish(result);
+                    None
+                }
+                command = rx.recv() => match command {
+                    None => break,
+                    Some(Command::Stop { reply }) => {
+                        self.wait_for_job(&mut done_rx).await;
+                        let _ = reply.send(self.record.clone());
+                        break;
+                    }
+                    Some(Command::Replace { record, reply }) => {
+                        self.wait_for_job(&mut done_rx).await;
+                        let _ = reply.send(self.replace(*record).await);
+                        None
+                    }
+                    Some(command) => self.handle(command),
+                },
+                () = sleep => None,
+            };
+            if let Some(job) = job {
+                self.start(job, done_tx.clone());
+            }
+            self.publish();
+        }
+        debug!(profile = %self.record.name, "engine stopped");
+    }
+
+    fn now(&self) -> u64 {
+        self.deps.clock.now_ms()
+    }
+
+    /// The current token if it may be served at all (durable, not rejected).
+    fn serveable(&self) -> Option<Token> {
+        (self.durable && !self.rejected)
+            .then(|| self.record.token())
+            .flatten()
+    }
+
+    fn reauth_error(&self) -> BrokerError {
+        BrokerError::ReauthRequired {
+            profile: self.record.name.clone(),
+            message: self.deps.config.reauth_message.clone(),
+        }
+    }
+
+    fn unavailable(&self, until_ms: u64) -> BrokerError {
+        let wait_ms = until_ms.saturating_sub(self.now());
+        BrokerError::IdpUnavailable {
+            retry_after_secs: wait_ms.div_ceil(1000).max(1),
+            detail: self
+                .counters
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "refresh failed".into()),
+        }
+    }
+
+    fn handle(&mut self, command: Command) -> Option<Job> {
+        self.end_backoff_if_due();
+        match command {
+            Command::GetToken {
+                min_valid_secs,
+                reply,
+            } => self.on_get(min_valid_secs, reply),
+            Command::Invalidate { generation, reply } => self.on_invalidate(generation, reply),
+            Command::Refresh { reply } => match &mut self.phase {
+                Phase::ReauthRequired => {
+                    let _ = reply.send(Err(self.reauth_error()));
+                    None
+                }
+                Phase::Busy { waiters } => {
+                    waiters.push(reply);
+                    None
+                }
+                // A user asked explicitly, so this may cut a backoff short.
+                Phase::Idle | Phase::Backoff { .. } => Some(self.begin(vec![reply])),
+            },
+            Command::Nudge => self.on_wake(),
+            Command::Replace { .. } | Command::Stop { .. } => {
+                unreachable!("handled in run")
+            }
+        }
+    }
+
+    fn on_get(&mut self, min_valid_secs: u64, reply: Reply) -> Option<Job> {
+        let now = self.now();
+        let token = self.serveable();
+        let good = token
+            .as_ref()
+            .filter(|t| policy::serves(t, now, min_valid_secs));
+        match &mut self.phase {
+            Phase::ReauthRequired => {
+                let _ = reply.send(Err(self.reauth_error()));
+                None
+            }
+            _ if good.is_some() => {
+                let _ = reply.send(Ok(good.cloned().expect("checked")));
+                None
+            }
+            Phase::Busy { waiters } => {
+                waiters.push(reply);
+                None
+            }
+            Phase::Backoff { until_ms } => {
+                // Serve whatever validity is left rather than nothing (SPEC §5).
+                let until_ms = *until_ms;
+                let answer = match token.filter(|t| policy::unexpired(t, now)) {
+                    Some(t) => Ok(t),
+                    None => Err(self.unavailable(until_ms)),
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Phase::Idle => Some(self.begin(vec![reply])),
+        }
+    }
+
+    fn on_invalidate(&mut self, generation: u64, reply: Reply) -> Option<Job> {
+        if generation != self.record.generation {
+            // An older token: the current one is already newer, no IdP call.
+            return self.on_get(0, reply);
+        }
+        match &mut self.phase {
+            Phase::ReauthRequired => {
+                let _ = reply.send(Err(self.reauth_error()));
+                None
+            }
+            Phase::Busy { waiters } => {
+                self.rejected = true;
+                waiters.push(reply);
+                None
+            }
+            Phase::Backoff { until_ms } => {
+                let until_ms = *until_ms;
+                self.rejected = true;
+                let _ = reply.send(Err(self.unavailable(until_ms)));
+                None
+            }
+            Phase::Idle => {
+                self.rejected = true;
+                Some(self.begin(vec![reply]))
+            }
+        }
+    }
+
+    /// A backoff whose time has come is over, whether or not its timer fired yet.
+    fn end_backoff_if_due(&mut self) {
+        if let Phase::Backoff { until_ms } = self.phase {
+            if self.now() >= until_ms {
+                self.phase = Phase::Idle;
+            }
+        }
+    }
+
+    /// Every turn and on a nudge: retry a failed save, or refresh proactively.
+    fn on_wake(&mut self) -> Option<Job> {
+        let now = self.now();
+        self.end_backoff_if_due();
+        if !matches!(self.phase, Phase::Idle) {
+            return None;
+        }
+        if !self.durable {
+            return Some(self.begin(Vec::new()));
+        }
+        let due = self.refresh_due_ms().is_some_and(|due| now >= due);
+        (due && self.in_use(now)).then(|| self.begin(Vec::new()))
+    }
+
+    /// Proactive refresh runs only while someone uses the profile (SPEC §5).
+    fn in_use(&self, now: u64) -> bool {
+        if self.events.receiver_count() > 0 {
+            return true;
+        }
+        let last = self.last_served_ms.load(Ordering::Relaxed);
+        let lifetime = self.record.token().map_or(0, |t| policy::lifetime_ms(&t));
+        last > 0 && last + lifetime > now
+    }
+
+    fn refresh_due_ms(&self) -> Option<u64> {
+        let cfg = &self.deps.config;
+        self.record.token().map(|t| {
+            policy::refresh_due_ms(&t, cfg.refresh_at, cfg.refresh_jitter, self.jitter_draw)
+        })
+    }
+
+    fn next_wake_in(&self) -> Duration {
+        let now = self.now();
+        let target = match self.phase {
+            Phase::Backoff { until_ms } => Some(until_ms),
+            Phase::Idle => {
+                let expiry = self.record.token().map(|t| t.expires_at * 1000);
+                [self.refresh_due_ms(), expiry]
+                    .into_iter()
+                    .flatten()
+                    .filter(|&t| t > now)
+                    .min()
+            }
+            Phase::Busy { .. } | Phase::ReauthRequired => None,
+        };
+        target.map_or(MAX_SLEEP, |t| {
+            Duration::from_millis(t.saturating_sub(now)).min(MAX_SLEEP)
+        })
+    }
+
+    fn begin(&mut self, waiters: Vec<Reply>) -> Job {
+        self.phase = Phase::Busy { waiters };
+        if self.durable {
+            Job::Refresh(self.record.clone())
+        } else {
+            Job::Save(self.record.clone())
+        }
+    }
+
+    fn start(&self, job: Job, done: mpsc::UnboundedSender<JobResult>) {
+        let deps = self.deps.clone();
+        tokio::spawn(async move {
+            let result = AssertUnwindSafe(run_job(job, deps))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| JobResult::Transient {
+                    detail: "internal error: refresh task panicked".into(),
+                });
+            let _ = done.send(result);
+        });
+    }
+
+    async fn wait_for_job(&mut self, done_rx: &mut mpsc::UnboundedReceiver<JobResult>) {
+        if matches!(self.phase, Phase::Busy { .. }) {
+            if let Some(result) = done_rx.recv().await {
+                self.finish(result);
+            }
+        }
+    }
+
+    fn take_waiters(&mut self) -> Vec<Reply> {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Busy { waiters } => waiters,
+            other => {
+                self.phase = other;
+                Vec::new()
+            }
+        }
+    }
+
+    fn finish(&mut self, result: JobResult) {
+        let waiters = self.take_waiters();
+        let now = self.now();
+        let answer: Result<Token, BrokerError> = match result {
+            JobResult::Refreshed { record, saved } => {
+                self.record = record;
+                self.rejected = false;
+                self.jitter_draw = rand::random();
+                self.counters.refresh_count += 1;
+                self.counters.last_refresh_at = Some(now / 1000);
+                info!(
+                    profile = %self.record.name,
+                    generation = self.record.generation,
+                    "access token refreshed"
+                );
+                self.after_save(saved)
+            }
+            JobResult::Saved { saved } => self.after_save(saved),
+            JobResult::Rejected {
+                detail,
+                record,
+                saved,
+            } => {
+                warn!(
+                    profile = %self.record.name,
+                    reason = %detail,
+                    "the identity provider rejected the refresh token; a new login is required"
+                );
+                self.record = record;
+                self.durable = saved.is_ok();
+                if let Err(e) = saved {
+                    warn!(profile = %self.record.name, error = %e, "could not delete the dead refresh token from disk");
+                }
+                self.counters.refresh_failures += 1;
+                self.counters.last_error = Some(detail);
+                self.phase = Phase::ReauthRequired;
+                Err(self.reauth_error())
+            }
+            JobResult::Transient { detail } => {
+                self.counters.refresh_failures += 1;
+                self.counters.last_error = Some(detail.clone());
+                let delay = self.backoff.next_delay();
+                let until_ms = now + delay.as_millis() as u64;
+                warn!(
+                    profile = %self.record.name,
+                    error = %detail,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "token refresh failed; backing off"
+                );
+                self.phase = Phase::Backoff { until_ms };
+                match self.serveable().filter(|t| policy::unexpired(t, now)) {
+                    Some(t) => Ok(t),
+                    None => Err(self.unavailable(until_ms)),
+                }
+            }
+        };
+        for waiter in waiters {
+            let _ = waiter.send(answer.clone());
+        }
+    }
+
+    /// Common tail of a refresh or save: serve the token only once it is durable.
+    fn after_save(&mut self, saved: Result<(), String>) -> Result<Token, BrokerError> {
+        match saved {
+            Ok(()) => {
+                self.durable = true;
+                self.backoff.reset();
+                self.counters.last_error = None;
+                self.phase = Phase::Idle;
+                self.record
+                    .token()
+                    .ok_or_else(|| BrokerError::internal("the IdP returned no access token"))
+            }
+            Err(e) => {
+                // The rotated refresh token exists only in memory now. Keep it,
+                // never serve its access token until it is on disk, retry the save.
+                self.durable = false;
+                self.counters.refresh_failures += 1;
+                let detail = format!("cannot save the rotated refresh token: {e}");
+                warn!(profile = %self.record.name, error = %e, "saving the profile failed; will retry");
+                self.counters.last_error = Some(detail.clone());
+                let until_ms = self.now() + self.backoff.next_delay().as_millis() as u64;
+                self.phase = Phase::Backoff { until_ms };
+                Err(BrokerError::internal(detail))
+            }
+        }
+    }
+
+    async fn replace(&mut self, mut record: ProfileRecord) -> crate::Result<ProfileStatus> {
+        // Generations only grow, so watchers always see a re-login as a new token.
+        record.generation = record.generation.max(self.record.generation + 1);
+        save(&self.deps, record.clone()).await?;
+        self.phase = if record.refresh_token.is_some() {
+            Phase::Idle
+        } else {
+            Phase::ReauthRequired
+        };
+        self.record = record;
+        self.durable = true;
+        self.rejected = false;
+        self.jitter_draw = rand::random();
+        self.backoff.reset();
+        self.counters.last_error = None;
+        self.publish();
+        Ok(self.snapshot.borrow().status.clone())
+    }
+
+    /// Publishes the snapshot and pushes what changed to watchers.
+    fn publish(&mut self) {
+        let now = self.now();
+        let token = self.serveable();
+        let snapshot = Snapshot {
+            token: token.clone(),
+            phase: self.phase.kind(),
+            refresh_due_ms: self.refresh_due_ms(),
+            status: self.status(),
+        };
+        let state = snapshot.state(now);
+        let mut status = snapshot.status.clone();
+        status.state = state;
+        self.snapshot.send_replace(Snapshot { status, ..snapshot });
+
+        let profile = self.record.name.clone();
+        let event = match token {
+            Some(token)
+                if token.generation != self.published.token_generation
+                    && policy::unexpired(&token, now) =>
+            {
+                self.published.token_generation = token.generation;
+                Some(WatchEvent::Token { profile, token })
+            }
+            _ if self.published.state == Some(state) => None,
+            _ if state == ProfileState::ReauthRequired => Some(WatchEvent::ReauthRequired {
+                profile,
+                message: self.deps.config.reauth_message.clone(),
+            }),
+            _ => Some(WatchEvent::State {
+                profile,
+                state,
+                generation: self.record.generation,
+                expires_at: self.record.access_token.as_ref().map(|a| a.expires_at),
+            }),
+        };
+        self.published.state = Some(state);
+        if let Some(event) = event {
+            // No receivers is fine: nobody is watching.
+            let _ = self.events.send(event);
+        }
+    }
+
+    fn status(&self) -> ProfileStatus {
+        let r = &self.record;
+        let next_refresh_at = match self.phase {
+            Phase::Backoff { until_ms } => Some(until_ms / 1000),
+            Phase::Idle => self.refresh_due_ms().map(|ms| ms / 1000),
+            Phase::Busy { .. } | Phase::ReauthRequired => None,
+        };
+        ProfileStatus {
+            name: r.name.clone(),
+            issuer: r.issuer.clone(),
+            client_id: r.client_id.clone(),
+            subject: r.subject.clone(),
+            state: ProfileState::Valid,
+            access_token_expires_at: r.access_token.as_ref().map(|a| a.expires_at),
+            generation: r.generation,
+            refresh_count: self.counters.refresh_count,
+            refresh_failures: self.counters.refresh_failures,
+            last_refresh_at: self.counters.last_refresh_at,
+            next_refresh_at,
+            last_error: self.counters.last_error.clone(),
+        }
+    }
+}
+
+fn placeholder_snapshot() -> Snapshot {
+    Snapshot {
+        token: None,
+        phase: PhaseKind::Idle,
+        refresh_due_ms: None,
+        status: ProfileStatus {
+            name: String::new(),
+            issuer: String::new(),
+            client_id: String::new(),
+            subject: None,
+            state: ProfileState::Expired,
+            access_token_expires_at: None,
+            generation: 0,
+            refresh_count: 0,
+            refresh_failures: 0,
+            last_refresh_at: None,
+            next_refresh_at: None,
+            last_error: None,
+        },
+    }
+}
+
+async fn run_job(job: Job, deps: EngineDeps) -> JobResult {
+    match job {
+        Job::Save(record) => JobResult::Saved {
+            saved: save(&deps, record).await.map_err(|e| e.to_string()),
+        },
+        Job::Refresh(record) => match deps.endpoint.refresh(record.clone()).await {
+            Ok(refreshed) => {
+                let record = apply(record, refreshed, deps.clock.now_secs());
+                let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
+                JobResult::Refreshed { record, saved }
+            }
+            Err(RefreshError::Rejected(detail)) => {
+                // The dead refresh token (and its access token) leave memory and
+                // disk; the metadata stays so a new login can reuse it.
+                let mut record = record;
+                record.refresh_token = None;
+                record.access_token = None;
+                let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
+                JobResult::Rejected {
+                    detail,
+                    record,
+                    saved,
+                }
+            }
+            Err(RefreshError::Transient(detail)) => JobResult::Transient { detail },
+        },
+    }
+}
+
+/// The record after a successful refresh at `now_secs`.
+fn apply(mut record: ProfileRecord, refreshed: Refreshed, now_secs: u64) -> ProfileRecord {
+    let previous_lifetime = record
+        .access_token
+        .as_ref()
+        .map(|a| a.expires_at.saturating_sub(a.issued_at))
+        .filter(|&l| l > 0);
+    let lifetime = refreshed.expires_in.map_or_else(
+        || {
+            warn!(profile = %record.name, "token response has no expires_in; assuming a conservative lifetime");
+            previous_lifetime
+                .unwrap_or(FALLBACK_LIFETIME.as_secs())
+                .min(FALLBACK_LIFETIME.as_secs())
+        },
+        |d| d.as_secs(),
+    );
+    let scopes = refreshed.scopes.unwrap_or_else(|| {
+        record
+            .access_token
+            .as_ref()
+            .map_or_else(|| record.scopes.clone(), |a| a.scopes.clone())
+    });
+    record.access_token = Some(StoredAccessToken {
+        token: refreshed.access_token,
+        token_type: refreshed.token_type,
+        issued_at: now_secs,
+        expires_at: now_secs + lifetime,
+        scopes,
+    });
+    if let Some(rotated) = refreshed.refresh_token {
+        record.refresh_token = Some(rotated);
+    }
+    record.generation += 1;
+    record
+}
+
+async fn save(deps: &EngineDeps, record: ProfileRecord) -> crate::Result<()> {
+    let persist = deps.persist.clone();
+    tokio::task::spawn_blocking(move || persist.save(&record))
+        .await
+        .map_err(|e| crate::Error::io("saving the profile", std::io::Error::other(e)))?
+}
