@@ -1,0 +1,128 @@
+//! The HTTP client used for every IdP call.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Largest IdP response body read, in bytes. Discovery documents and token
+/// responses are a few KiB; anything bigger is an IdP misbehaving.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// A reqwest client over rustls: no redirects (openidconnect asks for this, to
+/// avoid SSRF), a connect timeout, a total timeout, and capped response bodies.
+#[derive(Clone, Debug)]
+pub struct Http {
+    client: reqwest::Client,
+}
+
+/// Why an HTTP exchange failed. Never holds a request or response body.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0}")]
+    Transport(String),
+    #[error("response larger than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+}
+
+impl Http {
+    /// A client with the given timeouts, trusting the webpki roots plus `extra_roots` (PEM files).
+    pub fn new(connect: Duration, total: Duration, extra_roots: &[PathBuf]) -> Result<Http> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(connect)
+            .timeout(total)
+            .user_agent(concat!("kontext-broker/", env!("CARGO_PKG_VERSION")));
+        for path in extra_roots {
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::io(format!("reading CA certificate {}", path.display()), e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::Invalid(format!(
+                    "CA certificate {} is not valid PEM: {e}",
+                    path.display()
+                ))
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Http { client })
+    }
+
+    /// GETs `url` and returns status, headers and a capped body.
+    pub async fn get(
+        &self,
+        url: &str,
+    ) -> std::result::Result<::http::Response<Vec<u8>>, HttpError> {
+        let request = self
+            .client
+            .get(url)
+            .header("accept", "application/json")
+            .build()
+            .map_err(transport)?;
+        self.execute(request).await
+    }
+
+    async fn execute(
+        &self,
+        request: reqwest::Request,
+    ) -> std::result::Result<::http::Response<Vec<u8>>, HttpError> {
+        let mut response = self.client.execute(request).await.map_err(transport)?;
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+        {
+            return Err(HttpError::TooLarge);
+        }
+        let mut builder = ::http::Response::builder().status(response.status());
+        for (name, value) in response.headers() {
+            builder = builder.header(name, value);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(HttpError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        builder
+            .body(body)
+            .map_err(|e| HttpError::Transport(e.to_string()))
+    }
+}
+
+fn transport(e: reqwest::Error) -> HttpError {
+    // reqwest's Display names the URL but never a body, so it is safe to keep.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    HttpError::Transport(text)
+}
+
+impl<'c> openidconnect::AsyncHttpClient<'c> for Http {
+    type Error = HttpError;
+    type Future = Pin<
+        Box<
+            dyn Future<Output = std::result::Result<openidconnect::HttpResponse, HttpError>>
+                + Send
+                + Sync
+                + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request).map_err(transport)?;
+            self.execute(request).await
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! Talking to the identity provider: discovery, the refresh grant, revocation.
+//!
+//! All HTTP goes through one rustls client ([`http::Http`]) with the timeouts of
+//! SPEC §4 and a cap on response size, so a slow or lying IdP costs bounded time
+//! and memory. OAuth itself is the `openidconnect` crate's job; this module only
+//! builds its clients and classifies its answers.
+
+mod discovery;
+mod http;
+mod issuer;
+mod refresh;
+mod token_response;
+
+use std::time::Duration;
+
+pub use discovery::discover;
+pub use http::Http;
+pub use issuer::{is_loopback_http, validate_endpoint, validate_issuer};
+pub use refresh::{classify_error, revoke};
+pub use token_response::{subject_from_id_token, TokenResponse};
+
+use crate::config::Config;
+use crate::Result;
+
+/// The broker's IdP access: an HTTP client plus the settings it was built from.
+#[derive(Clone)]
+pub struct Idp {
+    http: Http,
+}
+
+impl Idp {
+    /// An IdP client with the timeouts and extra root CAs from `config`.
+    pub fn new(config: &Config) -> Result<Idp> {
+        Ok(Idp {
+            http: Http::new(
+                Duration::from_secs(config.http_connect_timeout_secs),
+                Duration::from_secs(config.http_timeout_secs),
+                &config.extra_root_certs,
+            )?,
+        })
+    }
+
+    /// The underlying HTTP client.
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+}

@@ -1,0 +1,145 @@
+//! The refresh-token grant and revocation, through openidconnect.
+
+use futures::future::BoxFuture;
+use kontext_broker_protocol::Secret;
+use openidconnect::core::{CoreClient, CoreErrorResponseType, CoreRevocableToken};
+use openidconnect::{
+    ClientId, ClientSecret, IssuerUrl, JsonWebKeySet, OAuth2TokenResponse, RefreshToken,
+    RequestTokenError, RevocationUrl, StandardErrorResponse, TokenType, TokenUrl,
+};
+
+use super::{Http, Idp};
+use crate::engine::{RefreshError, Refreshed, TokenEndpoint};
+use crate::store::ProfileRecord;
+use crate::{Error, Result};
+
+impl TokenEndpoint for Idp {
+    fn refresh(
+        &self,
+        record: ProfileRecord,
+    ) -> BoxFuture<'static, std::result::Result<Refreshed, RefreshError>> {
+        let http = self.http.clone();
+        Box::pin(async move { refresh_grant(&http, &record).await })
+    }
+}
+
+fn base_client(record: &ProfileRecord) -> Result<CoreClient> {
+    let issuer = IssuerUrl::new(record.issuer.clone())
+        .map_err(|e| Error::Invalid(format!("issuer URL: {e}")))?;
+    let mut client = CoreClient::new(
+        ClientId::new(record.client_id.clone()),
+        issuer,
+        JsonWebKeySet::default(),
+    );
+    if let Some(secret) = &record.client_secret {
+        // openidconnect keeps its own copy; its Debug is redacted too.
+        client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
+    }
+    Ok(client)
+}
+
+async fn refresh_grant(
+    http: &Http,
+    record: &ProfileRecord,
+) -> std::result::Result<Refreshed, RefreshError> {
+    let refresh_token = record
+        .refresh_token
+        .as_ref()
+        .ok_or_else(|| RefreshError::Rejected("no refresh token stored".into()))?;
+    let token_url = TokenUrl::new(record.endpoints.token.clone())
+        .map_err(|e| RefreshError::Transient(format!("token endpoint URL: {e}")))?;
+    let client = base_client(record)
+        .map_err(|e| RefreshError::Transient(e.to_string()))?
+        .set_token_uri(token_url);
+    let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
+    let mut request = client.exchange_refresh_token(&refresh_token);
+    if let Some(audience) = &record.audience {
+        // RFC 8707 resource indicator.
+        request = request.add_extra_param("resource", audience.clone());
+    }
+    let response = request.request_async(http).await.map_err(classify_error)?;
+    Ok(Refreshed {
+        access_token: Secret::new(response.access_token().secret().clone()),
+        token_type: token_type_name(response.token_type()),
+        expires_in: response.expires_in(),
+        refresh_token: response
+            .refresh_token()
+            .map(|rt| Secret::new(rt.secret().clone())),
+        scopes: response
+            .scopes()
+            .map(|s| s.iter().map(|scope| scope.to_string()).collect()),
+    })
+}
+
+fn token_type_name<T: TokenType>(t: &T) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("bearer") => "Bearer".into(),
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "Bearer".into(),
+    }
+}
+
+/// Sorts a failed token request into the two classes of SPEC §5.
+///
+/// Only an explicit `invalid_grant`, `invalid_client` or `unauthorized_client`
+/// means the grant is dead; everything else, including an IdP that answers with
+/// garbage, is transient. Details never include response bodies, which may hold
+/// tokens.
+pub fn classify_error<RE: std::error::Error + 'static>(
+    e: RequestTokenError<RE, StandardErrorResponse<CoreErrorResponseType>>,
+) -> RefreshError {
+    match e {
+        RequestTokenError::ServerResponse(response) => {
+            let code = response.error();
+            let mut detail = code.to_string();
+            if let Some(description) = response.error_description() {
+                detail.push_str(": ");
+                detail.extend(description.chars().take(200));
+            }
+            match code {
+                CoreErrorResponseType::InvalidGrant
+                | CoreErrorResponseType::InvalidClient
+                | CoreErrorResponseType::UnauthorizedClient => RefreshError::Rejected(detail),
+                _ => RefreshError::Transient(detail),
+            }
+        }
+        RequestTokenError::Request(e) => {
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            RefreshError::Transient(format!("request failed: {text}"))
+        }
+        RequestTokenError::Parse(e, _body) => {
+            RefreshError::Transient(format!("unreadable token response (at `{}`)", e.path()))
+        }
+        RequestTokenError::Other(detail) => {
+            RefreshError::Transient(format!("unexpected token response: {detail}"))
+        }
+    }
+}
+
+/// Revokes `record`'s refresh token at its revocation endpoint (RFC 7009).
+pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
+    let Some(endpoint) = &record.endpoints.revocation else {
+        return Err(Error::Invalid(
+            "the issuer advertises no revocation endpoint".into(),
+        ));
+    };
+    let Some(refresh_token) = &record.refresh_token else {
+        return Err(Error::Invalid("no refresh token to revoke".into()));
+    };
+    let url = RevocationUrl::new(endpoint.clone())
+        .map_err(|e| Error::Invalid(format!("revocation endpoint URL: {e}")))?;
+    let client = base_client(record)?.set_revocation_url(url);
+    let token = CoreRevocableToken::from(RefreshToken::new(refresh_token.expose().to_owned()));
+    client
+        .revoke_token(token)
+        .map_err(|e| Error::Invalid(e.to_string()))?
+        .request_async(http)
+        .await
+        .map_err(|e| Error::IdpTransient(format!("revocation failed: {e}")))
+}
