@@ -84,8 +84,16 @@ fn check(state: &Path, reported: u64, round: usize) -> u64 {
         g == reported || g == reported + 1,
         "round {round}: generation {g}, child reported {reported}"
     );
-    assert_eq!(r.refresh_token.unwrap().expose(), format!("rt-{g}"), "round {round}");
-    assert_eq!(r.access_token.unwrap().token.expose(), format!("at-{g}"), "round {round}");
+    assert_eq!(
+        r.refresh_token.unwrap().expose(),
+        format!("rt-{g}"),
+        "round {round}"
+    );
+    assert_eq!(
+        r.access_token.unwrap().token.expose(),
+        format!("at-{g}"),
+        "round {round}"
+    );
     g
 }
 
@@ -134,13 +142,19 @@ fn sigkill_during_rotation_never_tears_a_record() {
             // Safety net only: a healthy child reports a save within milliseconds.
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(n) => reported = n,
-                Err(e) => panic!("round {round}: child stopped reporting ({e}): {:?}", child.try_wait()),
+                Err(e) => panic!(
+                    "round {round}: child stopped reporting ({e}): {:?}",
+                    child.try_wait()
+                ),
             }
         }
         std::thread::sleep(Duration::from_micros(rng.random_range(0..3000)));
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        assert!(status.code().is_none(), "round {round}: child exited by itself: {status}");
+        assert!(
+            status.code().is_none(),
+            "round {round}: child exited by itself: {status}"
+        );
         reader.join().unwrap();
         for n in rx.try_iter() {
             reported = n;

@@ -122,7 +122,10 @@ fn churn(identity: IdentityKind) {
     }
     store.unlock(&Secret::from("pw")).unwrap();
     let last = store.load("default").unwrap();
-    assert_eq!(last.refresh_token.unwrap().expose(), markers[markers.len() - 3]);
+    assert_eq!(
+        last.refresh_token.unwrap().expose(),
+        markers[markers.len() - 3]
+    );
 
     // The scanner itself finds a marker written in each encoding.
     let probe = state.join("probe");
@@ -131,7 +134,10 @@ fn churn(identity: IdentityKind) {
         let mut bytes = b"xx".to_vec();
         bytes.extend_from_slice(enc);
         fs::write(&probe, &bytes).unwrap();
-        assert!(!scan(&state, &[m.clone()]).1.is_empty(), "encoding {i}");
+        assert!(
+            !scan(&state, std::slice::from_ref(&m)).1.is_empty(),
+            "encoding {i}"
+        );
     }
     let b64 = STANDARD.encode(format!("{{\"t\":\"{m}\"}}"));
     fs::write(&probe, b64).unwrap();

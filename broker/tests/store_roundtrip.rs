@@ -110,7 +110,10 @@ fn names_are_validated_everywhere() {
             store.save(&record(bad, 1)),
             Err(Error::InvalidProfileName(_))
         ));
-        assert!(matches!(store.delete(bad), Err(Error::InvalidProfileName(_))));
+        assert!(matches!(
+            store.delete(bad),
+            Err(Error::InvalidProfileName(_))
+        ));
     }
     // Nothing escaped the profiles directory.
     let mut entries: Vec<_> = fs::read_dir(dir.as_path())
@@ -119,7 +122,12 @@ fn names_are_validated_everywhere() {
         .collect();
     entries.sort();
     assert_eq!(entries, vec!["identity.txt", "profiles"]);
-    assert_eq!(fs::read_dir(dir.as_path().join("profiles")).unwrap().count(), 0);
+    assert_eq!(
+        fs::read_dir(dir.as_path().join("profiles"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -135,7 +143,10 @@ fn identity_readable_by_others_is_refused_with_the_fix() {
     }
     let msg = err.to_string();
     assert!(msg.contains(&id.display().to_string()), "{msg}");
-    assert!(msg.contains(&format!("chmod 600 {}", id.display())), "{msg}");
+    assert!(
+        msg.contains(&format!("chmod 600 {}", id.display())),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -149,7 +160,10 @@ fn state_dir_open_to_others_is_refused_with_the_fix() {
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains(&format!("chmod 700 {}", state.display())), "{msg}");
+    assert!(
+        msg.contains(&format!("chmod 700 {}", state.display())),
+        "{msg}"
+    );
     // Nothing was created inside the refused directory.
     assert_eq!(fs::read_dir(&state).unwrap().count(), 0);
 }
@@ -309,20 +323,30 @@ fn a_corrupt_file_is_isolated_and_kept() {
     let (_tmp2, other) = state_dir();
     let other_store = Store::open(other.as_path(), file_opts()).unwrap();
     other_store.save(&record("c", 7)).unwrap();
-    fs::copy(other.as_path().join("profiles/c.age"), profiles.join("c.age")).unwrap();
+    fs::copy(
+        other.as_path().join("profiles/c.age"),
+        profiles.join("c.age"),
+    )
+    .unwrap();
 
     assert_eq!(store.load("a").unwrap(), record("a", 1));
-    for (name, original) in [("b", garbage), (
-        "c",
-        fs::read(other.as_path().join("profiles/c.age")).unwrap(),
-    )] {
+    for (name, original) in [
+        ("b", garbage),
+        (
+            "c",
+            fs::read(other.as_path().join("profiles/c.age")).unwrap(),
+        ),
+    ] {
         let err = store.load(name).unwrap_err();
         let Error::CorruptProfile { profile, kept, .. } = &err else {
             panic!("{err:?}");
         };
         assert_eq!(profile, name);
         let kept_name = kept.file_name().unwrap().to_str().unwrap();
-        assert!(kept_name.starts_with(&format!("{name}.age.corrupt-")), "{kept_name}");
+        assert!(
+            kept_name.starts_with(&format!("{name}.age.corrupt-")),
+            "{kept_name}"
+        );
         assert_eq!(fs::read(kept).unwrap(), original, "kept byte for byte");
         assert!(!profiles.join(format!("{name}.age")).exists());
         assert!(matches!(store.load(name), Err(Error::UnknownProfile(_))));
@@ -372,5 +396,34 @@ fn keyring_without_the_feature_is_a_clear_error() {
         },
     )
     .unwrap_err();
-    assert!(matches!(&err, Error::Keyring(m) if m.contains("--features keyring")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Keyring(m) if m.contains("--features keyring")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn corrupt_record_errors_never_quote_file_contents() {
+    use std::str::FromStr;
+    let (_tmp, dir) = state_dir();
+    let store = Store::open(&dir, file_opts()).unwrap();
+    let text = fs::read_to_string(dir.join("identity.txt")).unwrap();
+    let key = text
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    let recipient = age::x25519::Identity::from_str(key).unwrap().to_public();
+    // Decrypts fine, but a token sits where a number belongs; serde_json's
+    // own message would quote it.
+    let json = br#"{"format_version":1,"name":"b","generation":"TOPSECRET-4711"}"#;
+    fs::write(
+        dir.join("profiles/b.age"),
+        age::encrypt(&recipient, json).unwrap(),
+    )
+    .unwrap();
+    let err = store.load("b").unwrap_err();
+    assert!(matches!(err, Error::CorruptProfile { .. }), "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("TOPSECRET"), "{shown}");
+    assert!(shown.contains("line 1"), "{shown}");
 }

@@ -38,8 +38,7 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
 
 /// Refuses a directory that is not ours or that group/others may access.
 pub(crate) fn check_private_dir(dir: &Path) -> Result<()> {
-    let meta =
-        fs::metadata(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    let meta = fs::metadata(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
     if !meta.is_dir() {
         return Err(Error::UnsafePermissions {
             path: dir.to_path_buf(),
@@ -189,6 +188,33 @@ where
     sync_dir(dir)
 }
 
+/// Like [`write_atomic`], but never replaces an existing `final_name`: the
+/// complete temp file is hard-linked into place, which fails if the name is
+/// taken. Returns `false` (and writes nothing) when the file already existed,
+/// so two processes racing to create an identity end up sharing one.
+pub(crate) fn write_new_atomic(dir: &Path, final_name: &str, bytes: &[u8]) -> Result<bool> {
+    let target = dir.join(final_name);
+    let tmp = dir.join(temp_name(final_name));
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(format!("writing {}", target.display()), e));
+    }
+    let linked = fs::hard_link(&tmp, &target);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_dir(dir).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::io(format!("creating {}", target.display()), e)),
+    }
+}
+
 /// fsyncs a directory so a rename or unlink in it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -267,6 +293,19 @@ mod tests {
         assert_eq!(fs::metadata(&sub).unwrap().mode() & 0o777, 0o700);
         write_atomic(&sub, "x", b"1").unwrap();
         assert_eq!(fs::metadata(sub.join("x")).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn write_new_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_new_atomic(dir.path(), "id", b"first").unwrap());
+        assert!(!write_new_atomic(dir.path(), "id", b"second").unwrap());
+        assert_eq!(fs::read(dir.path().join("id")).unwrap(), b"first");
+        assert_eq!(names(dir.path()), vec!["id".to_string()]);
+        assert_eq!(
+            fs::metadata(dir.path().join("id")).unwrap().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -113,7 +113,16 @@ impl IdentitySource {
             IdentitySource::File { path } => {
                 let identity = match fsutil::read_private_file(path)? {
                     Some(text) => parse_identity(path, &text)?,
-                    None => create_identity_file(path)?,
+                    None => match create_identity_file(path)? {
+                        Some(identity) => identity,
+                        // Another process created it first: use theirs.
+                        None => {
+                            let text = fsutil::read_private_file(path)?.ok_or_else(|| {
+                                Error::Crypto(format!("{} vanished", path.display()))
+                            })?;
+                            parse_identity(path, &text)?
+                        }
+                    },
                 };
                 Ok(OpenState::Unlocked(into_unlocked(identity)))
             }
@@ -191,11 +200,18 @@ fn into_unlocked(identity: x25519::Identity) -> Unlocked {
 fn identity_text(identity: &x25519::Identity) -> Zeroizing<String> {
     let created = humantime::format_rfc3339_seconds(SystemTime::now());
     let secret = identity.to_string();
-    Zeroizing::new(format!(
-        "# created: {created}\n# public key: {}\n{}\n",
-        identity.to_public(),
-        secret.expose_secret()
-    ))
+    let header = format!(
+        "# created: {created}\n# public key: {}\n",
+        identity.to_public()
+    );
+    // Sized up front so no reallocation leaves a copy of the key behind.
+    let mut text = Zeroizing::new(String::with_capacity(
+        header.len() + secret.expose_secret().len() + 1,
+    ));
+    text.push_str(&header);
+    text.push_str(secret.expose_secret());
+    text.push('\n');
+    text
 }
 
 /// Parses identity text; the error names the file but never its contents.
@@ -213,13 +229,17 @@ fn parse_identity(path: &Path, text: &[u8]) -> Result<x25519::Identity> {
     x25519::Identity::from_str(key).map_err(|_| bad())
 }
 
-fn create_identity_file(path: &Path) -> Result<x25519::Identity> {
+/// Creates the identity file; `None` if one appeared meanwhile.
+fn create_identity_file(path: &Path) -> Result<Option<x25519::Identity>> {
     let identity = x25519::Identity::generate();
     let dir = path.parent().expect("identity path has a parent");
     let name = path.file_name().expect("identity file name");
-    fsutil::write_atomic(dir, &name.to_string_lossy(), identity_text(&identity).as_bytes())?;
+    let text = identity_text(&identity);
+    if !fsutil::write_new_atomic(dir, &name.to_string_lossy(), text.as_bytes())? {
+        return Ok(None);
+    }
     tracing::info!(path = %path.display(), "created a new age identity");
-    Ok(identity)
+    Ok(Some(identity))
 }
 
 fn read_recipient_text(path: &Path) -> Result<Option<String>> {
@@ -258,14 +278,13 @@ fn unlock_passphrase(
                 // Accept our own configured factor even above age's calibrated cap.
                 scrypt_identity.set_max_work_factor(wf.max(22));
             }
-            let plain = super::crypto::decrypt(&scrypt_identity, &ciphertext).map_err(|e| {
-                match e {
+            let plain =
+                super::crypto::decrypt(&scrypt_identity, &ciphertext).map_err(|e| match e {
                     age::DecryptError::DecryptionFailed | age::DecryptError::NoMatchingKeys => {
                         Error::WrongPassphrase
                     }
                     other => Error::Crypto(format!("{}: {other}", encrypted.display())),
-                }
-            })?;
+                })?;
             parse_identity(encrypted, &plain)?
         }
         None => {
@@ -282,7 +301,10 @@ fn unlock_passphrase(
             let ciphertext =
                 super::crypto::encrypt(&scrypt_recipient, identity_text(&identity).as_bytes())?;
             // identity.age first: recipient.txt is only trusted beside it.
-            fsutil::write_atomic(dir, ENCRYPTED_IDENTITY_FILE, &ciphertext)?;
+            if !fsutil::write_new_atomic(dir, ENCRYPTED_IDENTITY_FILE, &ciphertext)? {
+                // Another process set the passphrase first: check against theirs.
+                return unlock_passphrase(encrypted, recipient_path, work_factor, passphrase);
+            }
             tracing::info!(path = %encrypted.display(), "created a new passphrase-protected identity");
             identity
         }

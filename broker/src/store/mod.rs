@@ -100,8 +100,7 @@ impl Store {
         fsutil::ensure_private_dir(state_dir)?;
         let profiles_dir = state_dir.join(PROFILES_DIR);
         fsutil::ensure_private_dir(&profiles_dir)?;
-        let source =
-            IdentitySource::new(options.identity, state_dir, options.scrypt_work_factor)?;
+        let source = IdentitySource::new(options.identity, state_dir, options.scrypt_work_factor)?;
         let (recipient, state) = match source.open()? {
             OpenState::Unlocked(u) => (Some(u.recipient), IdentityState::Unlocked(u.identity)),
             OpenState::Locked(r) => (r, IdentityState::Locked),
@@ -144,10 +143,15 @@ impl Store {
     /// Other sources ignore `passphrase` and reload the identity from their
     /// source (undoing [`Store::lock`]).
     pub fn unlock(&self, passphrase: &Secret) -> Result<()> {
-        let _one = self.unlocking.lock().unwrap_or_else(PoisonError::into_inner);
+        let _one = self
+            .unlocking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let unlocked = self.source.unlock(passphrase)?;
-        *self.recipient.write().unwrap_or_else(PoisonError::into_inner) =
-            Some(unlocked.recipient);
+        *self
+            .recipient
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(unlocked.recipient);
         *self.state.write().unwrap_or_else(PoisonError::into_inner) =
             IdentityState::Unlocked(unlocked.identity);
         Ok(())
@@ -209,8 +213,14 @@ impl Store {
                 Ok(plain) => match serde_json::from_slice::<ProfileRecord>(&plain) {
                     Ok(record) if record.name == name => return Ok(record),
                     Ok(record) => format!("it holds profile `{}`", record.name),
-                    // serde_json's message has a position, never the content.
-                    Err(e) => format!("not a profile record: {e}"),
+                    // Not `{e}`: serde_json quotes offending values, which could
+                    // be token bytes. Category and position only.
+                    Err(e) => format!(
+                        "not a profile record ({:?} error at line {} column {})",
+                        e.classify(),
+                        e.line(),
+                        e.column()
+                    ),
                 },
                 Err(e) => format!("cannot decrypt: {e}"),
             };
@@ -240,7 +250,10 @@ impl Store {
         check_name(&record.name)?;
         let plain = crypto::to_json_zeroizing(record)?;
         let ciphertext = {
-            let recipient = self.recipient.read().unwrap_or_else(PoisonError::into_inner);
+            let recipient = self
+                .recipient
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             let Some(recipient) = recipient.as_deref() else {
                 return Err(Error::Locked);
             };
@@ -292,7 +305,7 @@ impl Store {
 
     /// Moves the corrupt file aside if it is still the file we read (same
     /// device and inode). `None` means a save replaced it meanwhile.
-    fn move_corrupt(&self, path: &Path, read: (u64, u64)) -> Result<Option<PathBuf>> {
+    fn move_corrupt(&self, path: &Path, read: FileId) -> Result<Option<PathBuf>> {
         let _g = self.renames.lock().unwrap_or_else(PoisonError::into_inner);
         match std::fs::symlink_metadata(path) {
             Ok(meta) if (meta.dev(), meta.ino()) == read => {}
@@ -320,8 +333,11 @@ fn profile_file_name(name: &str) -> String {
     format!("{name}.{PROFILE_EXT}")
 }
 
+/// (device, inode): which file a read saw, to detect a replace since.
+type FileId = (u64, u64);
+
 /// Reads a profile's ciphertext and the (device, inode) it came from.
-fn read_profile(path: &Path) -> Result<Option<(Vec<u8>, (u64, u64))>> {
+fn read_profile(path: &Path) -> Result<Option<(Vec<u8>, FileId)>> {
     let ctx = || format!("reading {}", path.display());
     let mut file = match fsutil::open_nofollow(path) {
         Ok(f) => f,
@@ -346,7 +362,10 @@ mod tests {
         let state = dir.path().join("s");
         let store = Store::open(&state, StoreOptions::default()).unwrap();
         let secret = std::fs::read_to_string(state.join(IDENTITY_FILE)).unwrap();
-        let key = secret.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).unwrap();
+        let key = secret
+            .lines()
+            .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+            .unwrap();
         let dbg = format!("{store:?}");
         assert!(!dbg.contains(key) && dbg.contains("locked: false"), "{dbg}");
     }

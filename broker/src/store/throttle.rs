@@ -71,9 +71,16 @@ impl UnlockThrottle {
                 Ok(())
             }
             Err(Error::WrongPassphrase) => {
-                let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                let n = self
+                    .failures
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_add(1);
                 let delay = self.delay_after(n);
-                tracing::warn!(failures = n, delay_ms = delay.as_millis() as u64, "wrong passphrase");
+                tracing::warn!(
+                    failures = n,
+                    delay_ms = delay.as_millis() as u64,
+                    "wrong passphrase"
+                );
                 tokio::time::sleep(delay).await;
                 Err(Error::WrongPassphrase)
             }
