@@ -1,18 +1,46 @@
 //! Turns protocol requests into broker actions. The server calls [`Service`];
 //! it knows nothing about sockets.
+//!
+//! Each profile has a [`Slot`]: its watcher channel plus what is known about it
+//! ([`Entry`]): a running engine, a name only (the store is locked), or an error
+//! (the file could not be read). The slot's channel outlives engines, so a watcher
+//! keeps its subscription across lock/unlock and re-login.
+//!
+//! Admin operations (import, logout, lock, unlock) are serialized by one async
+//! mutex; the token path only takes a short synchronous lock to find the engine.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use futures::stream::BoxStream;
+use futures::stream::{self, BoxStream, StreamExt};
+use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::{
-    BrokerError, BrokerStatus, Request, Response, StatusReport, WatchEvent,
+    BrokerError, BrokerStatus, ImportRequest, ProfileState, ProfileStatus, Request, Response,
+    Secret, StatusReport, WatchEvent,
 };
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::engine::{self, EngineConfig, EngineDeps, EngineHandle, TokenEndpoint};
+use crate::idp::{self, Idp, TokenResponse};
+use crate::store::{
+    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, UnlockThrottle,
+    PROFILE_FORMAT_VERSION,
+};
+use crate::Error;
+
+/// Lifetime assumed for an imported access token whose response has no `expires_in`.
+const IMPORT_FALLBACK_LIFETIME_SECS: u64 = 300;
+
+/// Events buffered per profile for slow watchers; a watcher that falls further
+/// behind is sent the current state instead of the backlog.
+const WATCH_BUFFER: usize = 64;
 
 /// Counters the server updates and `Status` reports.
 #[derive(Debug, Default)]
@@ -45,20 +73,84 @@ struct Inner {
     started: Instant,
     stats: Stats,
     shutdown: CancellationToken,
+    store: Arc<Store>,
+    idp: Idp,
+    deps: EngineDeps,
+    profiles: Mutex<BTreeMap<String, Slot>>,
+    admin: tokio::sync::Mutex<()>,
+    throttle: UnlockThrottle,
+}
+
+struct Slot {
+    events: broadcast::Sender<WatchEvent>,
+    entry: Entry,
+}
+
+enum Entry {
+    /// The profile is loaded and its engine runs.
+    Engine(Arc<EngineHandle>),
+    /// The store is locked; only the name is known.
+    Locked,
+    /// The profile file could not be loaded.
+    Failed { error: String },
+}
+
+impl Slot {
+    fn new(entry: Entry) -> Slot {
+        Slot {
+            events: broadcast::channel(WATCH_BUFFER).0,
+            entry,
+        }
+    }
 }
 
 impl Service {
-    /// A service for a broker started with `config` at `info`'s paths.
-    pub fn new(config: Config, info: ServiceInfo) -> Self {
-        Service {
+    /// Opens the store in `info.state_dir`, loads every profile and starts engines.
+    pub async fn open(config: Config, info: ServiceInfo) -> crate::Result<Service> {
+        let store = Arc::new(Store::open(
+            &info.state_dir,
+            StoreOptions {
+                identity: config.identity,
+                scrypt_work_factor: config.scrypt_work_factor,
+            },
+        )?);
+        let idp = Idp::new(&config)?;
+        let endpoint: Arc<dyn TokenEndpoint> = Arc::new(idp.clone());
+        Self::with_parts(config, info, store, idp, endpoint, Arc::new(SystemClock)).await
+    }
+
+    /// A service from explicit parts (tests inject a clock or token endpoint).
+    pub async fn with_parts(
+        config: Config,
+        info: ServiceInfo,
+        store: Arc<Store>,
+        idp: Idp,
+        endpoint: Arc<dyn TokenEndpoint>,
+        clock: Arc<dyn Clock>,
+    ) -> crate::Result<Service> {
+        let deps = EngineDeps {
+            clock,
+            endpoint,
+            persist: store.clone(),
+            config: EngineConfig::from_config(&config),
+        };
+        let service = Service {
             inner: Arc::new(Inner {
                 config,
                 info,
                 started: Instant::now(),
                 stats: Stats::default(),
                 shutdown: CancellationToken::new(),
+                store,
+                idp,
+                deps,
+                profiles: Mutex::new(BTreeMap::new()),
+                admin: tokio::sync::Mutex::new(()),
+                throttle: UnlockThrottle::default(),
             }),
-        }
+        };
+        service.load_profiles().await?;
+        Ok(service)
     }
 
     /// The broker's configuration.
@@ -79,34 +171,197 @@ impl Service {
     /// Handles every request except `Watch`.
     pub async fn call(&self, request: Request) -> Result<Response, BrokerError> {
         match request {
-            Request::Ping => Ok(Response::Pong),
+            Request::GetToken {
+                profile,
+                min_valid_secs,
+            } => self
+                .engine(&profile)?
+                .get_token(min_valid_secs)
+                .await
+                .map(Response::Token),
+            Request::Invalidate {
+                profile,
+                generation,
+            } => self
+                .engine(&profile)?
+                .invalidate(generation)
+                .await
+                .map(Response::Token),
+            Request::Refresh { profile } => {
+                self.engine(&profile)?.refresh().await.map(Response::Token)
+            }
             Request::Status => Ok(Response::Status(self.status())),
+            Request::Import(import) => self.import(import).await.map(Response::Imported),
+            Request::Logout { profile, revoke } => self.logout(&profile, revoke).await,
+            Request::Unlock { passphrase } => {
+                self.unlock(passphrase).await.map(|()| Response::Done)
+            }
+            Request::Lock => self.lock().await.map(|()| Response::Done),
             Request::Shutdown => {
+                info!("shutdown requested by a client");
                 self.inner.shutdown.cancel();
                 Ok(Response::Done)
             }
+            Request::Ping => Ok(Response::Pong),
             Request::Watch { .. } => Err(BrokerError::bad_request(
                 "Watch is a subscription; the connection handler serves it",
             )),
-            other => Err(BrokerError::bad_request(format!(
-                "{} is not supported by this broker yet",
-                request_name(&other)
-            ))),
         }
     }
 
-    /// Subscribes to `profile`'s tokens and state changes.
+    /// Subscribes to `profile`'s tokens and state changes. The stream starts with
+    /// the current state and ends after the profile is removed.
     pub fn watch(&self, profile: &str) -> Result<WatchStream, BrokerError> {
-        Err(BrokerError::UnknownProfile {
-            profile: profile.to_owned(),
+        let (initial, rx) = {
+            let profiles = self.lock_profiles();
+            let slot = profiles.get(profile).ok_or_else(|| unknown(profile))?;
+            let rx = slot.events.subscribe();
+            (self.current_events(profile, &slot.entry), rx)
+        };
+        let service = self.clone();
+        let name = profile.to_owned();
+        let live = stream::unfold(Some(rx), move |rx| {
+            let service = service.clone();
+            let name = name.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    match rx.recv().await {
+                        Ok(event @ WatchEvent::Removed { .. }) => return Some((vec![event], None)),
+                        Ok(event) => return Some((vec![event], Some(rx))),
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // Too slow for the backlog: send where things stand now.
+                            let now = service.events_now(&name);
+                            return Some((now, Some(rx)));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
         })
+        .flat_map(stream::iter);
+        Ok(stream::iter(initial).chain(live).boxed())
     }
 
-    /// Waits until in-flight refreshes have persisted their results. Called at shutdown.
-    pub async fn drain(&self) {}
+    /// Stops every engine after its running refresh has saved. Called at shutdown.
+    pub async fn drain(&self) {
+        let engines: Vec<_> = self
+            .lock_profiles()
+            .values()
+            .filter_map(|slot| match &slot.entry {
+                Entry::Engine(engine) => Some(engine.clone()),
+                _ => None,
+            })
+            .collect();
+        futures::future::join_all(engines.iter().map(|e| e.stop())).await;
+    }
+
+    fn lock_profiles(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
+        self.inner
+            .profiles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn engine(&self, profile: &str) -> Result<Arc<EngineHandle>, BrokerError> {
+        match self.lock_profiles().get(profile).map(|s| &s.entry) {
+            Some(Entry::Engine(engine)) => Ok(engine.clone()),
+            Some(Entry::Locked) => Err(BrokerError::Locked),
+            Some(Entry::Failed { error }) => Err(BrokerError::internal(format!(
+                "profile `{profile}` is unusable: {error}"
+            ))),
+            None => Err(unknown(profile)),
+        }
+    }
+
+    fn events_now(&self, profile: &str) -> Vec<WatchEvent> {
+        self.lock_profiles()
+            .get(profile)
+            .map(|slot| self.current_events(profile, &slot.entry))
+            .unwrap_or_default()
+    }
+
+    fn current_events(&self, profile: &str, entry: &Entry) -> Vec<WatchEvent> {
+        let state = match entry {
+            Entry::Engine(engine) => return engine.current_events(),
+            Entry::Locked => ProfileState::Locked,
+            Entry::Failed { .. } => ProfileState::Error,
+        };
+        vec![WatchEvent::State {
+            profile: profile.to_owned(),
+            state,
+            generation: 0,
+            expires_at: None,
+        }]
+    }
+
+    /// Fills the slots from the store: engines when unlocked, names when locked.
+    async fn load_profiles(&self) -> crate::Result<()> {
+        let store = self.inner.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> crate::Result<Vec<_>> {
+            let names = store.profile_names()?;
+            if store.is_locked() {
+                return Ok(names.into_iter().map(|n| (n, Err(Error::Locked))).collect());
+            }
+            Ok(names
+                .into_iter()
+                .map(|n| {
+                    let record = store.load(&n);
+                    (n, record)
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| Error::io("loading profiles", std::io::Error::other(e)))??;
+        let mut profiles = self.lock_profiles();
+        for (name, record) in loaded {
+            let entry = match record {
+                Ok(record) => Entry::Engine(Arc::new(engine::spawn(
+                    record,
+                    self.inner.deps.clone(),
+                    profiles
+                        .get(&name)
+                        .map(|s| s.events.clone())
+                        .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0),
+                ))),
+                Err(Error::Locked) => Entry::Locked,
+                Err(e) => {
+                    warn!(profile = %name, error = %e, "profile could not be loaded");
+                    Entry::Failed {
+                        error: e.to_string(),
+                    }
+                }
+            };
+            match profiles.get_mut(&name) {
+                Some(slot) => slot.entry = entry,
+                None => {
+                    let slot = match entry {
+                        Entry::Engine(ref engine) => Slot {
+                            events: engine.events().clone(),
+                            entry,
+                        },
+                        other => Slot::new(other),
+                    };
+                    profiles.insert(name, slot);
+                }
+            }
+        }
+        Ok(())
+    }
 
     fn status(&self) -> StatusReport {
         let stats = &self.inner.stats;
+        let profiles = self
+            .lock_profiles()
+            .iter()
+            .map(|(name, slot)| match &slot.entry {
+                Entry::Engine(engine) => engine.status(),
+                Entry::Locked => bare_status(name, ProfileState::Locked, None),
+                Entry::Failed { error } => {
+                    bare_status(name, ProfileState::Error, Some(error.clone()))
+                }
+            })
+            .collect();
         StatusReport {
             broker: BrokerStatus {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -114,12 +369,256 @@ impl Service {
                 uptime_secs: self.inner.started.elapsed().as_secs(),
                 socket: self.inner.info.socket.display().to_string(),
                 state_dir: self.inner.info.state_dir.display().to_string(),
-                locked: false,
+                locked: self.inner.store.is_locked(),
                 connections: stats.connections.load(Ordering::Relaxed),
                 rejected_peers: stats.rejected_peers.load(Ordering::Relaxed),
             },
-            profiles: Vec::new(),
+            profiles,
         }
+    }
+
+    async fn import(&self, import: ImportRequest) -> Result<ProfileStatus, BrokerError> {
+        let record = self
+            .record_from_import(import)
+            .await
+            .map_err(|e| e.to_wire())?;
+        self.install(record).await.map_err(|e| e.to_wire())
+    }
+
+    /// Builds the record for an import: checks the name and response, discovers endpoints.
+    async fn record_from_import(&self, import: ImportRequest) -> crate::Result<ProfileRecord> {
+        if !is_valid_profile_name(&import.profile) {
+            return Err(Error::InvalidProfileName(import.profile));
+        }
+        let response = TokenResponse::parse(import.token_response.expose())?;
+        let Some(refresh_token) = response.refresh_token.clone() else {
+            return Err(Error::Invalid(
+                "the token response has no refresh_token; the broker needs one to keep the \
+                 session alive (request the offline_access scope)"
+                    .into(),
+            ));
+        };
+        idp::validate_issuer(&import.issuer)?;
+        let endpoints = idp::discover(self.inner.idp.http(), &import.issuer).await?;
+        Ok(record_from_response(
+            import,
+            response,
+            refresh_token,
+            endpoints,
+            self.inner.deps.clock.now_secs(),
+        ))
+    }
+
+    /// Saves `record` and starts (or updates) its engine. Watchers learn at once.
+    pub async fn install(&self, record: ProfileRecord) -> crate::Result<ProfileStatus> {
+        let _admin = self.inner.admin.lock().await;
+        if self.inner.store.is_locked() {
+            return Err(Error::Locked);
+        }
+        let name = record.name.clone();
+        let existing = self
+            .lock_profiles()
+            .get(&name)
+            .and_then(|s| match &s.entry {
+                Entry::Engine(engine) => Some(engine.clone()),
+                _ => None,
+            });
+        let status = match existing {
+            Some(engine) => engine.replace(record).await?,
+            None => {
+                let store = self.inner.store.clone();
+                let to_save = record.clone();
+                tokio::task::spawn_blocking(move || store.save(&to_save))
+                    .await
+                    .map_err(|e| Error::io("saving the profile", std::io::Error::other(e)))??;
+                let mut profiles = self.lock_profiles();
+                let events = profiles
+                    .get(&name)
+                    .map(|s| s.events.clone())
+                    .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0);
+                let engine = Arc::new(engine::spawn(
+                    record,
+                    self.inner.deps.clone(),
+                    events.clone(),
+                ));
+                let status = engine.status();
+                profiles.insert(
+                    name.clone(),
+                    Slot {
+                        events,
+                        entry: Entry::Engine(engine),
+                    },
+                );
+                status
+            }
+        };
+        info!(profile = %name, generation = status.generation, "profile imported");
+        Ok(status)
+    }
+
+    async fn logout(&self, profile: &str, revoke: bool) -> Result<Response, BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        let engine = match self.lock_profiles().get(profile).map(|s| &s.entry) {
+            None => return Err(unknown(profile)),
+            Some(Entry::Locked) => return Err(BrokerError::Locked),
+            Some(Entry::Engine(engine)) => Some(engine.clone()),
+            Some(Entry::Failed { .. }) => None,
+        };
+        let record = match engine {
+            Some(engine) => engine.stop().await,
+            None => None,
+        };
+        let (revoked, revoke_error) = match (&record, revoke) {
+            (_, false) => (false, Some("revocation skipped (--no-revoke)".to_owned())),
+            (None, true) => (false, Some("the profile could not be read".to_owned())),
+            (Some(r), true) if r.refresh_token.is_none() => {
+                (false, Some("no refresh token left to revoke".to_owned()))
+            }
+            (Some(r), true) if r.endpoints.revocation.is_none() => (
+                false,
+                Some("the issuer advertises no revocation endpoint".to_owned()),
+            ),
+            (Some(r), true) => match idp::revoke(self.inner.idp.http(), r).await {
+                Ok(()) => (true, None),
+                Err(e) => {
+                    warn!(profile, error = %e, "revocation failed; deleting the profile anyway");
+                    (false, Some(e.to_string()))
+                }
+            },
+        };
+        let store = self.inner.store.clone();
+        let name = profile.to_owned();
+        let deleted = tokio::task::spawn_blocking(move || store.delete(&name))
+            .await
+            .map_err(|e| BrokerError::internal(e.to_string()))?;
+        match deleted {
+            Ok(()) | Err(Error::UnknownProfile(_)) => {}
+            Err(e) => return Err(e.to_wire()),
+        }
+        if let Some(slot) = self.lock_profiles().remove(profile) {
+            let _ = slot.events.send(WatchEvent::Removed {
+                profile: profile.to_owned(),
+            });
+        }
+        info!(profile, revoked, "profile logged out");
+        Ok(Response::LoggedOut {
+            revoked,
+            revoke_error,
+        })
+    }
+
+    async fn unlock(&self, passphrase: Secret) -> Result<(), BrokerError> {
+        self.inner
+            .throttle
+            .unlock(self.inner.store.clone(), passphrase)
+            .await
+            .map_err(|e| e.to_wire())?;
+        let _admin = self.inner.admin.lock().await;
+        let needs_load = self
+            .lock_profiles()
+            .values()
+            .any(|s| matches!(s.entry, Entry::Locked));
+        if needs_load {
+            self.load_profiles().await.map_err(|e| e.to_wire())?;
+        }
+        info!("broker unlocked");
+        Ok(())
+    }
+
+    async fn lock(&self) -> Result<(), BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        self.inner.store.lock();
+        if !self.inner.store.is_locked() {
+            return Err(BrokerError::bad_request(
+                "this broker's identity cannot be locked; use identity = \"passphrase\" in the config",
+            ));
+        }
+        let engines: Vec<(String, Arc<EngineHandle>)> = {
+            let mut profiles = self.lock_profiles();
+            profiles
+                .iter_mut()
+                .filter_map(|(name, slot)| {
+                    match std::mem::replace(&mut slot.entry, Entry::Locked) {
+                        Entry::Engine(engine) => Some((name.clone(), engine)),
+                        other => {
+                            slot.entry = other;
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        // Each engine finishes (and saves) its running refresh, then drops its secrets.
+        for (name, engine) in engines {
+            engine.stop().await;
+            let _ = engine.events().send(WatchEvent::State {
+                profile: name,
+                state: ProfileState::Locked,
+                generation: 0,
+                expires_at: None,
+            });
+        }
+        info!("broker locked");
+        Ok(())
+    }
+}
+
+fn unknown(profile: &str) -> BrokerError {
+    BrokerError::UnknownProfile {
+        profile: profile.to_owned(),
+    }
+}
+
+fn bare_status(name: &str, state: ProfileState, last_error: Option<String>) -> ProfileStatus {
+    ProfileStatus {
+        name: name.to_owned(),
+        issuer: String::new(),
+        client_id: String::new(),
+        subject: None,
+        state,
+        access_token_expires_at: None,
+        generation: 0,
+        refresh_count: 0,
+        refresh_failures: 0,
+        last_refresh_at: None,
+        next_refresh_at: None,
+        last_error,
+    }
+}
+
+/// The record for a token response obtained at `now_secs` (import or login).
+pub fn record_from_response(
+    import: ImportRequest,
+    response: TokenResponse,
+    refresh_token: Secret,
+    endpoints: Endpoints,
+    now_secs: u64,
+) -> ProfileRecord {
+    let granted = response.scopes();
+    let lifetime = response.expires_in.unwrap_or(IMPORT_FALLBACK_LIFETIME_SECS);
+    let subject = response
+        .id_token
+        .as_deref()
+        .and_then(idp::subject_from_id_token);
+    ProfileRecord {
+        format_version: PROFILE_FORMAT_VERSION,
+        name: import.profile,
+        issuer: import.issuer,
+        client_id: import.client_id,
+        client_secret: import.client_secret,
+        scopes: import.scopes.clone(),
+        audience: None,
+        endpoints,
+        subject,
+        refresh_token: Some(refresh_token),
+        access_token: Some(StoredAccessToken {
+            token: response.access_token,
+            token_type: response.token_type,
+            issued_at: now_secs,
+            expires_at: now_secs + lifetime,
+            scopes: granted.unwrap_or(import.scopes),
+        }),
+        generation: 1,
     }
 }
 

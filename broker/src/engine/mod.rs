@@ -101,6 +101,12 @@ pub trait Persist: Send + Sync + 'static {
     fn save(&self, record: &ProfileRecord) -> crate::Result<()>;
 }
 
+impl Persist for crate::store::Store {
+    fn save(&self, record: &ProfileRecord) -> crate::Result<()> {
+        crate::store::Store::save(self, record)
+    }
+}
+
 /// What an engine needs from the outside world.
 #[derive(Clone)]
 pub struct EngineDeps {
