@@ -120,6 +120,8 @@ provider.on('server_error', (_ctx, err) => {
   console.error('oidc-provider server_error:', err);
 });
 provider.on('grant.error', (_ctx, err) => {
+  // Polling answers of the device flow are not errors worth a line.
+  if (err.error === 'authorization_pending' || err.error === 'slow_down') return;
   console.error(`oidc-provider grant.error: ${err.error}: ${err.error_detail ?? err.error_description}`);
 });
 

@@ -132,7 +132,9 @@ pub struct FakeIdp {
 
 impl std::fmt::Debug for FakeIdp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeIdp").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("FakeIdp")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -378,7 +380,12 @@ impl FakeIdp {
 
     /// Number of grants not revoked.
     pub fn live_grants(&self) -> usize {
-        self.shared.lock().grants.values().filter(|g| g.alive).count()
+        self.shared
+            .lock()
+            .grants
+            .values()
+            .filter(|g| g.alive)
+            .count()
     }
 
     /// Lifetime of access tokens issued from now on, in seconds.
@@ -558,7 +565,9 @@ fn oauth_error(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
 }
 
 /// Reads a form-encoded body; `None` when it is unreadable or too large.
-async fn read_form(req: Request<Incoming>) -> (http::request::Parts, Option<HashMap<String, String>>) {
+async fn read_form(
+    req: Request<Incoming>,
+) -> (http::request::Parts, Option<HashMap<String, String>>) {
     let (parts, body) = req.into_parts();
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -580,7 +589,11 @@ fn client_authenticated(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok())
+        .and_then(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+        })
         .and_then(|raw| String::from_utf8(raw).ok())
         .and_then(|s| {
             let (id, secret) = s.split_once(':')?;
@@ -823,13 +836,19 @@ async fn revocation_endpoint(shared: &Shared, req: Request<Incoming>) -> Reply {
     shared.lock().revocation_calls += 1;
     let (parts, form) = read_form(req).await;
     let Some(form) = form else {
-        return json_reply(StatusCode::BAD_REQUEST, json!({ "error": "invalid_request" }));
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": "invalid_request" }),
+        );
     };
     if !client_authenticated(&shared.config, &parts, &form) {
         return Reply::Http(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
     }
     let Some(token) = form.get("token") else {
-        return json_reply(StatusCode::BAD_REQUEST, json!({ "error": "invalid_request" }));
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": "invalid_request" }),
+        );
     };
     let mut st = shared.lock();
     if let Some(grant) = st.refresh_tokens.get(token).map(|e| e.grant) {
@@ -851,9 +870,10 @@ async fn introspection_endpoint(shared: &Shared, req: Request<Incoming>) -> Repl
     let token = form.and_then(|mut f| f.remove("token")).unwrap_or_default();
     let st = shared.lock();
     let active = st.access_token_valid(&token)
-        || st.refresh_tokens.get(&token).is_some_and(|e| {
-            e.state != RefreshState::Rotated && st.grant_alive(e.grant)
-        });
+        || st
+            .refresh_tokens
+            .get(&token)
+            .is_some_and(|e| e.state != RefreshState::Rotated && st.grant_alive(e.grant));
     let body = if active {
         json!({
             "active": true,
@@ -878,7 +898,10 @@ fn userinfo_endpoint(shared: &Shared, req: &Request<Incoming>) -> Reply {
     if token.is_some_and(|t| st.access_token_valid(t)) {
         json_reply(StatusCode::OK, json!({ "sub": shared.config.subject }))
     } else {
-        let mut resp = json_response(StatusCode::UNAUTHORIZED, json!({ "error": "invalid_token" }));
+        let mut resp = json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({ "error": "invalid_token" }),
+        );
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer error=\"invalid_token\""),

@@ -71,7 +71,10 @@ pub async fn approve_device_code(issuer: &str, user_code: &str) -> Result<()> {
     match drive(start, &fields).await? {
         Outcome::Page { html, .. } if html.contains("Sign-in Success") => Ok(()),
         Outcome::Page { url, html } => {
-            bail!("device flow ended on {url} without success: {}", page_text(&html))
+            bail!(
+                "device flow ended on {url} without success: {}",
+                page_text(&html)
+            )
         }
         Outcome::Redirected(url) => bail!("device flow left the provider for {url}"),
     }
@@ -86,7 +89,10 @@ pub async fn complete_login(authorization_url: &str) -> Result<Url> {
     match drive(start, &HashMap::new()).await? {
         Outcome::Redirected(url) => Ok(url),
         Outcome::Page { url, html } => {
-            bail!("login ended on {url} without a redirect: {}", page_text(&html))
+            bail!(
+                "login ended on {url} without a redirect: {}",
+                page_text(&html)
+            )
         }
     }
 }
@@ -183,7 +189,10 @@ pub fn parse_single_form(html: &str, page_url: &Url) -> Result<Form> {
         let abs = tag_end + i;
         let end = find_tag_end(&lower, abs).ok_or_else(|| anyhow!("unterminated <input>"))?;
         let a = parse_attributes(&html[abs + "<input".len()..end]);
-        let kind = a.get("type").map_or("text", String::as_str).to_ascii_lowercase();
+        let kind = a
+            .get("type")
+            .map_or("text", String::as_str)
+            .to_ascii_lowercase();
         let Some(name) = a.get("name") else { continue };
         match kind.as_str() {
             "submit" | "button" | "image" | "reset" | "file" => continue,
@@ -242,9 +251,7 @@ fn parse_attributes(s: &str) -> HashMap<String, String> {
                     (&body[..close], body.get(close + 1..).unwrap_or(""))
                 }
                 _ => {
-                    let end = after_eq
-                        .find(char::is_whitespace)
-                        .unwrap_or(after_eq.len());
+                    let end = after_eq.find(char::is_whitespace).unwrap_or(after_eq.len());
                     (&after_eq[..end], &after_eq[end..])
                 }
             };
@@ -311,9 +318,7 @@ fn error_message(html: &str) -> Option<&str> {
 
 /// A short, tag-free excerpt of a page for error messages.
 fn page_text(html: &str) -> String {
-    let body = html
-        .find("<body")
-        .map_or(html, |i| &html[i..]);
+    let body = html.find("<body").map_or(html, |i| &html[i..]);
     let mut text = String::new();
     let mut in_tag = false;
     for c in body.chars() {
@@ -376,7 +381,10 @@ mod tests {
 
     #[test]
     fn decodes_entities() {
-        assert_eq!(decode_entities("a&amp;b&#39;c&#x2F;d&bogus"), "a&b'c/d&bogus");
+        assert_eq!(
+            decode_entities("a&amp;b&#39;c&#x2F;d&bogus"),
+            "a&b'c/d&bogus"
+        );
     }
 
     #[test]

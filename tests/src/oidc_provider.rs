@@ -61,7 +61,9 @@ impl OidcProvider {
     ///
     /// Panics if `tests/idp/node_modules` is missing, or the provider fails to start.
     pub async fn start(access_ttl_secs: u64) -> OidcProvider {
-        let (child, stdin, issuer) = spawn(access_ttl_secs, 0).await;
+        let (child, stdin, issuer) = spawn(access_ttl_secs, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let port = url::Url::parse(&issuer)
             .ok()
             .and_then(|u| u.port())
@@ -133,7 +135,10 @@ impl OidcProvider {
             .expect("POST /token/introspection");
         let status = resp.status();
         let body: Value = resp.json().await.expect("introspection answers JSON");
-        assert!(status.is_success(), "introspection failed with {status}: {body}");
+        assert!(
+            status.is_success(),
+            "introspection failed with {status}: {body}"
+        );
         body["active"].as_bool().unwrap_or(false)
     }
 
@@ -142,14 +147,29 @@ impl OidcProvider {
     pub async fn restart(&mut self) {
         self.child.start_kill().ok();
         self.child.wait().await.expect("wait for the old provider");
-        let (child, stdin, issuer) = spawn(self.access_ttl_secs, self.port).await;
+        // The port was ours a moment ago, but another process may grab it in
+        // between; retry a few times before giving up.
+        let mut attempt = 0;
+        let (child, stdin, issuer) = loop {
+            attempt += 1;
+            match spawn(self.access_ttl_secs, self.port).await {
+                Ok(spawned) => break spawned,
+                Err(e) if attempt < 10 => {
+                    eprintln!("[oidc-provider] restart attempt {attempt} failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(issuer, self.issuer, "restarted provider changed its issuer");
         self.child = child;
         self._stdin = stdin;
     }
 }
 
-async fn spawn(access_ttl_secs: u64, port: u16) -> (Child, ChildStdin, String) {
+/// Spawns the provider and waits for `READY`. Panics on set-up errors (no
+/// node_modules, no node); returns `Err` when the child dies or stays silent.
+async fn spawn(access_ttl_secs: u64, port: u16) -> Result<(Child, ChildStdin, String), String> {
     let dir = idp_dir();
     assert!(
         dir.join("node_modules").join("oidc-provider").is_dir(),
@@ -171,12 +191,15 @@ async fn spawn(access_ttl_secs: u64, port: u16) -> (Child, ChildStdin, String) {
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
 
-    // Forward stderr to the test's stderr, minus the four start-up warnings it
-    // always prints (Node 20 runtime, in-memory adapter, dev keys, devInteractions).
+    // Forward stderr to the test's stderr, minus the noise it always prints: the
+    // start-up warnings (Node 20 runtime, in-memory adapter, dev keys,
+    // devInteractions) and "default function called" notices.
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if !line.starts_with("oidc-provider WARNING:") {
+            if !line.starts_with("oidc-provider WARNING:")
+                && !line.starts_with("oidc-provider NOTICE:")
+            {
                 eprintln!("[oidc-provider] {line}");
             }
         }
@@ -195,11 +218,18 @@ async fn spawn(access_ttl_secs: u64, port: u16) -> (Child, ChildStdin, String) {
     .await;
     let issuer = match ready {
         Ok(Some(issuer)) => issuer,
-        Ok(None) => panic!(
-            "oidc-provider exited before READY ({:?}); see its stderr above",
-            child.wait().await
-        ),
-        Err(_) => panic!("oidc-provider printed no READY line within {READY_TIMEOUT:?}"),
+        Ok(None) => {
+            return Err(format!(
+                "oidc-provider exited before READY ({:?}); see its stderr above",
+                child.wait().await
+            ))
+        }
+        // `child` is killed on drop.
+        Err(_) => {
+            return Err(format!(
+                "oidc-provider printed no READY line within {READY_TIMEOUT:?}"
+            ))
+        }
     };
     // Keep draining stdout so the child can never block on a full pipe.
     tokio::spawn(async move {
@@ -207,5 +237,5 @@ async fn spawn(access_ttl_secs: u64, port: u16) -> (Child, ChildStdin, String) {
             eprintln!("[oidc-provider] {line}");
         }
     });
-    (child, stdin, issuer)
+    Ok((child, stdin, issuer))
 }

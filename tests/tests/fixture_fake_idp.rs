@@ -37,7 +37,10 @@ async fn refresh(idp: &FakeIdp, rt: &str) -> (u16, Value) {
 }
 
 fn rt_of(v: &Value) -> String {
-    v["refresh_token"].as_str().expect("refresh_token").to_owned()
+    v["refresh_token"]
+        .as_str()
+        .expect("refresh_token")
+        .to_owned()
 }
 
 fn at_of(v: &Value) -> String {
@@ -86,7 +89,10 @@ async fn refresh_rotates_and_kills_previous_access_tokens() {
     assert_ne!(at1, at0);
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["expires_in"], 3600);
-    assert!(!idp.access_token_valid(&at0), "previous access token deleted");
+    assert!(
+        !idp.access_token_valid(&at0),
+        "previous access token deleted"
+    );
     assert!(idp.access_token_valid(&at1));
     assert_eq!(idp.current_refresh_token(&rt0), Some(rt1.clone()));
 
@@ -104,9 +110,15 @@ async fn reusing_a_rotated_token_revokes_the_whole_grant() {
     let (rt1, at1) = (rt_of(&body), at_of(&body));
 
     let (status, body) = refresh(&idp, &rt0).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
     assert!(!idp.grant_alive(&rt1));
-    assert!(!idp.access_token_valid(&at1), "grant's access token died too");
+    assert!(
+        !idp.access_token_valid(&at1),
+        "grant's access token died too"
+    );
 
     let (status, body) = refresh(&idp, &rt1).await;
     assert_eq!(
@@ -123,7 +135,10 @@ async fn unknown_token_is_invalid_grant_and_other_grants_survive() {
     let idp = FakeIdp::start(FakeIdpConfig::default()).await;
     let keep = rt_of(&idp.mint());
     let (status, body) = refresh(&idp, "fake_rt_unknown").await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
     assert!(idp.grant_alive(&keep));
     assert_eq!(refresh(&idp, &keep).await.0, 200);
 }
@@ -219,7 +234,11 @@ async fn scripted_failures_answer_in_order_without_touching_the_grant() {
         (Failure::InvalidGrant, 400, "invalid_grant"),
         (Failure::InvalidClient, 401, "invalid_client"),
         (Failure::InvalidRequest, 400, "invalid_request"),
-        (Failure::TemporarilyUnavailable, 503, "temporarily_unavailable"),
+        (
+            Failure::TemporarilyUnavailable,
+            503,
+            "temporarily_unavailable",
+        ),
     ];
     for (failure, _, _) in &cases {
         idp.push_failure(failure.clone());
@@ -290,7 +309,10 @@ async fn lose_response_rotates_then_closes() {
     assert_ne!(rt1, rt0, "rotated although the client never saw it");
     // The client retries with the token it has: reuse, the grant dies.
     let (status, body) = refresh(&idp, &rt0).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
     assert!(!idp.grant_alive(&rt1));
 }
 
@@ -383,7 +405,10 @@ async fn confidential_client_needs_basic_auth() {
     })
     .await;
     let rt = rt_of(&idp.mint());
-    let form = [("grant_type", "refresh_token"), ("refresh_token", rt.as_str())];
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", rt.as_str()),
+    ];
     let url = format!("{}/token", idp.issuer());
 
     let resp = client().post(&url).form(&form).send().await.unwrap();
@@ -452,7 +477,10 @@ async fn discovery_documents_follow_the_config() {
         let doc: Value = if oidc == 200 { o } else { r }.json().await.unwrap();
         assert_eq!(doc["issuer"], idp.issuer());
         assert_eq!(doc["token_endpoint"], format!("{}/token", idp.issuer()));
-        assert_eq!(doc["revocation_endpoint"], format!("{}/revoke", idp.issuer()));
+        assert_eq!(
+            doc["revocation_endpoint"],
+            format!("{}/revoke", idp.issuer())
+        );
     }
 }
 
