@@ -15,7 +15,16 @@
 //! - a refresh of a token whose previous refresh is still in flight answers
 //!   `400 invalid_request` (Hydra's concurrent-refresh answer) and leaves the
 //!   grant alone;
-//! - an unknown or revoked refresh token answers `400 invalid_grant`.
+//! - an unknown or revoked refresh token answers `400 invalid_grant`;
+//! - a refresh whose client disconnects while it waits (latency or hold) is
+//!   abandoned without rotating: its refresh token is usable again. Use
+//!   [`Failure::LoseResponse`] for a refresh that completes but is never answered.
+//!
+//! Endpoints (under the issuer): `/.well-known/openid-configuration` and/or
+//! `/.well-known/oauth-authorization-server`, `/jwks` (empty), `POST /token`
+//! (only `grant_type=refresh_token`), `POST /revoke`, `POST /introspect` (no
+//! client authentication), `GET /userinfo`. `/authorize` is advertised because
+//! openidconnect requires it, but answers 404: log in against `oidc-provider`.
 //!
 //! Expiry uses the wall clock ([`SystemTime`]), like `expires_in` does.
 //! The server listens on `127.0.0.1:0` and stops when the [`FakeIdp`] is dropped.
@@ -376,6 +385,16 @@ impl FakeIdp {
     /// Whether the grant of this refresh token (current or rotated) is still alive.
     pub fn grant_alive(&self, any_refresh_token: &str) -> bool {
         self.current_refresh_token(any_refresh_token).is_some()
+    }
+
+    /// Refresh calls currently in flight (arrived, not answered, not abandoned).
+    pub fn in_flight_refreshes(&self) -> usize {
+        self.shared
+            .lock()
+            .refresh_tokens
+            .values()
+            .filter(|e| e.state == RefreshState::InFlight)
+            .count()
     }
 
     /// Number of grants not revoked.

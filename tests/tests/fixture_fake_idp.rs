@@ -216,6 +216,7 @@ async fn latency_keeps_a_token_in_flight() {
     });
     assert_eq!(a.0, 200);
     assert_eq!((b.0, b.1["error"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(idp.in_flight_refreshes(), 0);
 }
 
 #[tokio::test]
@@ -536,4 +537,39 @@ async fn dropping_the_fake_stops_its_server() {
     })
     .await;
     assert!(closed.is_ok(), "server still answers after drop");
+}
+
+#[tokio::test]
+async fn an_abandoned_refresh_leaves_the_token_usable() {
+    let idp = FakeIdp::start(FakeIdpConfig::default()).await;
+    let rt = rt_of(&idp.mint());
+    let hold = idp.hold_token_calls();
+    let err = client()
+        .post(format!("{}/token", idp.issuer()))
+        .timeout(Duration::from_millis(300))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", "kontext-cli"),
+            ("refresh_token", rt.as_str()),
+        ])
+        .send()
+        .await
+        .expect_err("held past the client's timeout");
+    assert!(err.is_timeout(), "{err:?}");
+    // The server notices the disconnect and drops the held call.
+    tokio::time::timeout(SAFETY, async {
+        while idp.in_flight_refreshes() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("abandoned call released its token");
+    drop(hold);
+    let (status, body) = refresh(&idp, &rt).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        idp.refresh_successes(),
+        1,
+        "the abandoned call never rotated"
+    );
 }
