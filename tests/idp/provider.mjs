@@ -156,7 +156,8 @@ async function readBody(req) {
 }
 
 // TEST-ONLY: mint a grant with an access token and a refresh token, without any
-// login, and answer with an RFC 6749 §5.1 token response.
+// login, and answer with an RFC 6749 §5.1 token response (plus an ID token
+// signed with the provider's keys when the scope has `openid`).
 provider.use(async (ctx, next) => {
   if (ctx.path !== '/test/mint') {
     await next();
@@ -166,10 +167,10 @@ provider.use(async (ctx, next) => {
     ctx.status = 405;
     return;
   }
-  const body = await readBody(ctx.req);
-  const clientId = body.client_id ?? 'kontext-cli';
-  const scope = body.scope ?? 'openid offline_access';
-  const accountId = body.sub ?? 'test-user';
+  const params = await readBody(ctx.req);
+  const clientId = params.client_id ?? 'kontext-cli';
+  const scope = params.scope ?? 'openid offline_access';
+  const accountId = params.sub ?? 'test-user';
   const client = await provider.Client.find(clientId);
   if (!client) {
     ctx.status = 400;
@@ -189,14 +190,21 @@ provider.use(async (ctx, next) => {
   const rt = new provider.RefreshToken(common);
   const refreshToken = await rt.save();
 
-  ctx.set('Cache-Control', 'no-store');
-  ctx.body = {
+  const body = {
     access_token: accessToken,
     token_type: 'Bearer',
     expires_in: at.expiration,
     refresh_token: refreshToken,
     scope,
   };
+  if (grant.getOIDCScope().split(' ').includes('openid')) {
+    const account = await findAccount(ctx, accountId);
+    const idToken = new provider.IdToken(await account.claims(), { client });
+    idToken.scope = grant.getOIDCScope();
+    body.id_token = await idToken.issue({ use: 'idtoken' });
+  }
+  ctx.set('Cache-Control', 'no-store');
+  ctx.body = body;
 });
 
 server.on('request', provider.callback());

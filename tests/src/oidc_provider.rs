@@ -90,8 +90,14 @@ impl OidcProvider {
 
     /// Mints a grant for `client_id` (subject `test-user`) through the fixture's
     /// test-only route and returns its RFC 6749 §5.1 token response
-    /// (`access_token`, `token_type`, `expires_in`, `refresh_token`, `scope`).
+    /// (`access_token`, `token_type`, `expires_in`, `refresh_token`, `scope`, and
+    /// an `id_token` signed by the provider when `scopes` has `openid`).
     pub async fn mint(&self, client_id: &str, scopes: &[&str]) -> Value {
+        self.mint_for(client_id, scopes, "test-user").await
+    }
+
+    /// Like [`OidcProvider::mint`], for the subject `sub`.
+    pub async fn mint_for(&self, client_id: &str, scopes: &[&str], sub: &str) -> Value {
         let scope = scopes.join(" ");
         let resp = self
             .http
@@ -99,7 +105,7 @@ impl OidcProvider {
             .form(&[
                 ("client_id", client_id),
                 ("scope", scope.as_str()),
-                ("sub", "test-user"),
+                ("sub", sub),
             ])
             .send()
             .await

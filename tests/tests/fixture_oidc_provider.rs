@@ -65,6 +65,35 @@ async fn minted_tokens_work_at_userinfo_and_introspection() {
 }
 
 #[tokio::test]
+async fn minted_id_token_names_the_subject() {
+    use base64::Engine as _;
+
+    let idp = OidcProvider::start(30).await;
+    let grant = idp
+        .mint_for(
+            PUBLIC_CLIENT_ID,
+            &["openid", "email", "offline_access"],
+            "alice",
+        )
+        .await;
+    let id_token = grant["id_token"].as_str().expect("id_token with openid");
+    let payload = id_token.split('.').nth(1).expect("JWS compact form");
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["email"], "alice@example.test");
+    assert_eq!(claims["iss"], idp.issuer());
+    assert_eq!(claims["aud"], PUBLIC_CLIENT_ID);
+
+    let without = idp.mint(PUBLIC_CLIENT_ID, &["offline_access"]).await;
+    assert!(without.get("id_token").is_none(), "{without}");
+}
+
+#[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_grant() {
     let idp = OidcProvider::start(30).await;
     let rt0 = rt_of(&idp.mint(PUBLIC_CLIENT_ID, SCOPES).await);
