@@ -1,0 +1,217 @@
+// =====================================================================================
+//  TEST FIXTURE ONLY. NEVER DEPLOY THIS.
+//
+//  A local, certified OpenID Provider (`oidc-provider`) for kontext-broker's
+//  integration tests. It accepts ANY login name and password, uses fixed test
+//  secrets and cookie keys, keeps everything in memory, and exposes an
+//  unauthenticated `POST /test/mint` route that hands out refresh tokens to
+//  anyone who asks. It listens on 127.0.0.1 only.
+//
+//  Started by `tests/src/oidc_provider.rs`. Protocol with the launcher:
+//    - env PORT (default 0 = the OS picks), ACCESS_TOKEN_TTL (seconds, default 5),
+//      CONFIDENTIAL_CLIENT_SECRET (default: a fixed test value);
+//    - prints exactly one line `READY http://127.0.0.1:PORT` on stdout once listening;
+//    - exits when its stdin closes, so a killed test run leaves no orphan behind.
+// =====================================================================================
+
+import http from 'node:http';
+
+import Provider from 'oidc-provider';
+
+const HOST = '127.0.0.1';
+const port = Number.parseInt(process.env.PORT ?? '0', 10);
+const accessTokenTtl = Number.parseInt(process.env.ACCESS_TOKEN_TTL ?? '5', 10);
+const confidentialSecret = process.env.CONFIDENTIAL_CLIENT_SECRET
+  ?? 'kontext-confidential-test-secret-not-for-production';
+
+if (!Number.isInteger(port) || port < 0 || port > 65535) {
+  throw new Error(`bad PORT ${process.env.PORT}`);
+}
+if (!Number.isInteger(accessTokenTtl) || accessTokenTtl <= 0) {
+  throw new Error(`bad ACCESS_TOKEN_TTL ${process.env.ACCESS_TOKEN_TTL}`);
+}
+
+const DEVICE_CODE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
+const DAY = 24 * 60 * 60;
+
+// Any account id exists; claims are derived from it.
+async function findAccount(_ctx, sub) {
+  return {
+    accountId: sub,
+    async claims() {
+      return {
+        sub,
+        email: `${sub}@example.test`,
+        email_verified: true,
+        name: sub,
+      };
+    },
+  };
+}
+
+// The issuer must carry the real port, which is only known after listen().
+// So: bind a plain http server first, then build the provider with the bound URL.
+
+const server = http.createServer();
+await new Promise((resolve, reject) => {
+  server.once('error', reject);
+  server.listen(port, HOST, resolve);
+});
+const issuer = `http://${HOST}:${server.address().port}`;
+
+const provider = new Provider(issuer, {
+  clients: [
+    {
+      client_id: 'kontext-cli',
+      application_type: 'native',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code', 'refresh_token', DEVICE_CODE_GRANT],
+      response_types: ['code'],
+      // A native client accepts any loopback port for this redirect (RFC 8252 §7.3).
+      redirect_uris: ['http://127.0.0.1:8765/callback'],
+    },
+    {
+      client_id: 'kontext-confidential',
+      client_secret: confidentialSecret,
+      application_type: 'native',
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: ['authorization_code', 'refresh_token', DEVICE_CODE_GRANT],
+      response_types: ['code'],
+      redirect_uris: ['http://127.0.0.1:8765/callback'],
+    },
+  ],
+  findAccount,
+  scopes: ['openid', 'email', 'profile', 'offline_access'],
+  claims: {
+    openid: ['sub'],
+    email: ['email', 'email_verified'],
+    profile: ['name'],
+  },
+  // Expiry tests need exact lifetimes; the default keeps expired tokens alive 15 s more.
+  clockTolerance: 0,
+  ttl: {
+    AccessToken: accessTokenTtl,
+    AuthorizationCode: 60,
+    DeviceCode: 600,
+    IdToken: 3600,
+    Interaction: 3600,
+    Session: 14 * DAY,
+    Grant: 14 * DAY,
+    RefreshToken: 14 * DAY,
+  },
+  // Every refresh rotates, for confidential clients too (the default rotates
+  // confidential clients' tokens only after 70% of their lifetime).
+  rotateRefreshToken: true,
+  // A refresh token for every client allowed the refresh_token grant, with or
+  // without offline_access in the granted scope.
+  issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
+  features: {
+    devInteractions: { enabled: true },
+    deviceFlow: { enabled: true },
+    registration: { enabled: true },
+    introspection: { enabled: true },
+    revocation: { enabled: true },
+    userinfo: { enabled: true },
+  },
+  cookies: { keys: ['kontext-test-fixture-cookie-key-not-secret'] },
+});
+
+provider.on('server_error', (_ctx, err) => {
+  console.error('oidc-provider server_error:', err);
+});
+provider.on('grant.error', (_ctx, err) => {
+  // Polling answers of the device flow are not errors worth a line.
+  if (err.error === 'authorization_pending' || err.error === 'slow_down') return;
+  console.error(`oidc-provider grant.error: ${err.error}: ${err.error_detail ?? err.error_description}`);
+});
+
+// The device authorization response carries no `interval`, so clients would
+// poll every 5 s (RFC 8628 default). Tests want 1 s.
+provider.use(async (ctx, next) => {
+  await next();
+  if (
+    ctx.method === 'POST'
+    && ctx.path === '/device/auth'
+    && ctx.status === 200
+    && ctx.body
+    && typeof ctx.body === 'object'
+  ) {
+    ctx.body = { ...ctx.body, interval: 1 };
+  }
+});
+
+async function readBody(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > 64 * 1024) throw new Error('body too large');
+    chunks.push(chunk);
+  }
+  const raw = Buffer.concat(chunks).toString('utf8');
+  if ((req.headers['content-type'] ?? '').startsWith('application/json')) {
+    return JSON.parse(raw || '{}');
+  }
+  return Object.fromEntries(new URLSearchParams(raw));
+}
+
+// TEST-ONLY: mint a grant with an access token and a refresh token, without any
+// login, and answer with an RFC 6749 §5.1 token response (plus an ID token
+// signed with the provider's keys when the scope has `openid`).
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/test/mint') {
+    await next();
+    return;
+  }
+  if (ctx.method !== 'POST') {
+    ctx.status = 405;
+    return;
+  }
+  const params = await readBody(ctx.req);
+  const clientId = params.client_id ?? 'kontext-cli';
+  const scope = params.scope ?? 'openid offline_access';
+  const accountId = params.sub ?? 'test-user';
+  const client = await provider.Client.find(clientId);
+  if (!client) {
+    ctx.status = 400;
+    ctx.body = { error: 'invalid_client', error_description: `unknown client ${clientId}` };
+    return;
+  }
+
+  const grant = new provider.Grant({ accountId, clientId });
+  grant.addOIDCScope(scope);
+  const grantId = await grant.save();
+
+  const common = {
+    accountId, client, grantId, scope, gty: 'authorization_code',
+  };
+  const at = new provider.AccessToken(common);
+  const accessToken = await at.save();
+  const rt = new provider.RefreshToken(common);
+  const refreshToken = await rt.save();
+
+  const body = {
+    access_token: accessToken,
+    token_type: 'Bearer',
+    expires_in: at.expiration,
+    refresh_token: refreshToken,
+    scope,
+  };
+  if (grant.getOIDCScope().split(' ').includes('openid')) {
+    const account = await findAccount(ctx, accountId);
+    const idToken = new provider.IdToken(await account.claims(), { client });
+    idToken.scope = grant.getOIDCScope();
+    body.id_token = await idToken.issue({ use: 'idtoken' });
+  }
+  ctx.set('Cache-Control', 'no-store');
+  ctx.body = body;
+});
+
+server.on('request', provider.callback());
+
+// Exit with the parent: the launcher holds our stdin open for as long as it lives.
+process.stdin.on('end', () => process.exit(0));
+process.stdin.on('close', () => process.exit(0));
+process.stdin.resume();
+
+process.stdout.write(`READY ${issuer}\n`);
