@@ -225,17 +225,14 @@ impl Service {
             let name = name.clone();
             async move {
                 let mut rx = rx?;
-                loop {
-                    match rx.recv().await {
-                        Ok(event @ WatchEvent::Removed { .. }) => return Some((vec![event], None)),
-                        Ok(event) => return Some((vec![event], Some(rx))),
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            // Too slow for the backlog: send where things stand now.
-                            let now = service.events_now(&name);
-                            return Some((now, Some(rx)));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
+                match rx.recv().await {
+                    Ok(event @ WatchEvent::Removed { .. }) => Some((vec![event], None)),
+                    Ok(event) => Some((vec![event], Some(rx))),
+                    // Too slow for the backlog: send where things stand now.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        Some((service.events_now(&name), Some(rx)))
                     }
+                    Err(broadcast::error::RecvError::Closed) => None,
                 }
             }
         })
