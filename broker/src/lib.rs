@@ -19,6 +19,7 @@ pub mod engine;
 mod error;
 pub mod hardening;
 pub mod idp;
+pub mod login;
 pub mod server;
 pub mod service;
 pub mod store;
