@@ -80,12 +80,14 @@ impl Handler {
     /// Serves one connection until it closes. `_slot` is the connection-cap
     /// permit, released when the connection is fully closed.
     pub(super) async fn run(self, stream: UnixStream, _slot: OwnedSemaphorePermit) {
-        let stats = self.service.clone();
-        let _open = OpenConnection::new(&stats.stats().connections);
         let shutdown = self.service.shutdown_token();
         let (read_half, write_half) = stream.into_split();
         let mut reader = FrameReader::new(read_half);
         let mut writer = FrameWriter::new(write_half);
+        // Declared after the socket halves so it drops before them: a peer that
+        // sees the close also sees the count go down.
+        let service = self.service.clone();
+        let _open = OpenConnection::new(&service.stats().connections);
 
         let greeted = tokio::select! {
             biased;
