@@ -102,7 +102,9 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     if mode & 0o077 != 0 {
         return Err(Error::UnsafePermissions {
             path: dir.to_path_buf(),
-            problem: format!("its mode {mode:04o} gives access to group or others; it must be 0700"),
+            problem: format!(
+                "its mode {mode:04o} gives access to group or others; it must be 0700"
+            ),
             fix: format!("chmod 700 {}", dir.display()),
         });
     }

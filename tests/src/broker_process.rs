@@ -227,7 +227,8 @@ impl BrokerProcess {
             self.sigterm();
             self.wait_exit(Duration::from_secs(30));
         }
-        let (child, stderr, thread) = launch(&self.opts, &self.socket, &self.state_dir, &self.config);
+        let (child, stderr, thread) =
+            launch(&self.opts, &self.socket, &self.state_dir, &self.config);
         self.child = child;
         self.exit = None;
         self.stderr = stderr;
@@ -339,7 +340,9 @@ pub fn probe(socket: &Path) -> std::io::Result<Welcome> {
     s.read_exact(&mut payload)?;
     match codec::decode::<ServerMessage>(&payload) {
         Ok(ServerMessage::Welcome(w)) => Ok(w),
-        other => Err(std::io::Error::other(format!("unexpected answer {other:?}"))),
+        other => Err(std::io::Error::other(format!(
+            "unexpected answer {other:?}"
+        ))),
     }
 }
 

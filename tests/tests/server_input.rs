@@ -24,7 +24,10 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 fn is_bad_request(msg: &Option<ServerMessage>) -> bool {
-    matches!(msg, Some(ServerMessage::Error(BrokerError::BadRequest { .. })))
+    matches!(
+        msg,
+        Some(ServerMessage::Error(BrokerError::BadRequest { .. }))
+    )
 }
 
 /// The well-behaved client, shared by the concurrent checks.
@@ -53,7 +56,10 @@ async fn expect_bad_request(broker: &BrokerProcess, good: &Good, greet: bool, by
     bad.send_raw(bytes).await;
     good.ping().await;
     let answer = bad.recv().await;
-    assert!(is_bad_request(&answer), "expected BadRequest, got {answer:?}");
+    assert!(
+        is_bad_request(&answer),
+        "expected BadRequest, got {answer:?}"
+    );
     bad.expect_closed(CLOSE_TIMEOUT).await;
     good.ping().await;
 }
@@ -126,7 +132,8 @@ async fn bad_input_is_answered_and_closed_while_others_are_served() {
     .unwrap();
     let oversized = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
     let garbage_frame = frame(b"\xde\xad\xbe\xef garbage");
-    let second_hello = frame(&codec::encode(&kontext_broker_tests::broker_process::hello()).unwrap());
+    let second_hello =
+        frame(&codec::encode(&kontext_broker_tests::broker_process::hello()).unwrap());
 
     tokio::join!(
         // Before the handshake.

@@ -34,7 +34,11 @@ async fn second_broker_on_same_state_dir_says_already_running() {
     let status = second.wait_exit(FAIL_TIMEOUT);
     assert!(!status.success(), "second broker exited with {status}");
     let want = format!("already running (pid {})", first.pid());
-    assert!(second.stderr().contains(&want), "stderr: {}", second.stderr());
+    assert!(
+        second.stderr().contains(&want),
+        "stderr: {}",
+        second.stderr()
+    );
     // The first one is unaffected.
     first.client().await.ping(1).await;
 }
@@ -52,7 +56,9 @@ async fn group_readable_socket_dir_is_refused() {
     assert!(!broker.wait_exit(FAIL_TIMEOUT).success());
     let err = broker.stderr();
     assert!(
-        err.contains(&dir.display().to_string()) && err.contains("0755") && err.contains("chmod 700"),
+        err.contains(&dir.display().to_string())
+            && err.contains("0755")
+            && err.contains("chmod 700"),
         "stderr: {err}"
     );
     assert!(!dir.join("broker.sock").exists());
@@ -141,7 +147,10 @@ async fn sigterm_removes_socket_and_exits_zero() {
     assert!(status.success(), "exit status {status}");
     assert!(!broker.socket().exists(), "socket not removed");
     // Open connections are closed, not left hanging.
-    assert_eq!(idle.expect_closed(Duration::from_secs(5)).await, Closed::Eof);
+    assert_eq!(
+        idle.expect_closed(Duration::from_secs(5)).await,
+        Closed::Eof
+    );
 
     // Same dirs again: the lock was released and the socket path is free.
     broker.restart();
@@ -156,7 +165,10 @@ async fn shutdown_request_answers_then_exits_zero() {
     let mut broker = BrokerProcess::start(BrokerOptions::default());
     let mut client = broker.client().await;
     assert_eq!(client.call(7, Request::Shutdown).await, Ok(Response::Done));
-    assert_eq!(client.expect_closed(Duration::from_secs(5)).await, Closed::Eof);
+    assert_eq!(
+        client.expect_closed(Duration::from_secs(5)).await,
+        Closed::Eof
+    );
     let status = broker.wait_exit(STOP_DEADLINE);
     assert!(status.success(), "exit status {status}");
     assert!(!broker.socket().exists(), "socket not removed");
@@ -181,7 +193,9 @@ async fn systemd_socket_activation() {
     let mut client = RawClient::connect(&path).await;
     let status = client.status(1).await;
     assert_eq!(status.broker.pid, broker.pid());
-    assert!(broker.stderr().contains("using the socket passed by systemd"));
+    assert!(broker
+        .stderr()
+        .contains("using the socket passed by systemd"));
     broker.sigterm();
     assert!(broker.wait_exit(STOP_DEADLINE).success());
     // The socket belongs to the service manager: the broker must leave it.

@@ -103,16 +103,25 @@ async fn foreign_uid_is_rejected_without_a_byte() {
     let (bytes, how, euid) = run_peer(broker.socket(), true);
     assert_eq!(euid, 65534, "the peer did not drop privileges");
     assert_eq!(bytes, 0, "a foreign peer received {bytes} bytes");
-    assert!(how == "eof" || how == "reset", "peer saw {how}, not a close");
+    assert!(
+        how == "eof" || how == "reset",
+        "peer saw {how}, not a close"
+    );
 
     let mut client = broker.client().await;
     let status = client.status(1).await;
-    assert_eq!(status.broker.rejected_peers, 1, "only the foreign peer is counted");
+    assert_eq!(
+        status.broker.rejected_peers, 1,
+        "only the foreign peer is counted"
+    );
     // The control peer has exited; the broker notices its close asynchronously.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut id = 2;
     while client.status(id).await.broker.connections != 1 {
-        assert!(std::time::Instant::now() < deadline, "connection count stuck");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connection count stuck"
+        );
         id += 1;
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

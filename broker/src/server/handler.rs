@@ -171,7 +171,11 @@ impl Handler {
                 )
             }
             Err(err) => {
-                warn!(conn = self.id, code = err.code().as_str(), "handshake refused");
+                warn!(
+                    conn = self.id,
+                    code = err.code().as_str(),
+                    "handshake refused"
+                );
                 write_error(writer, err).await;
                 false
             }
@@ -233,7 +237,12 @@ impl Handler {
                     return ReadEnd::Violation(BrokerError::bad_request(e.to_string()));
                 }
             };
-            debug!(conn = self.id, id, request = request_name(&request), "request");
+            debug!(
+                conn = self.id,
+                id,
+                request = request_name(&request),
+                "request"
+            );
             match request {
                 Request::Watch { profile } => {
                     drop(permit);
@@ -280,7 +289,13 @@ impl Handler {
                     Err(BrokerError::internal("the request handler failed"))
                 });
             if let Err(e) = &result {
-                debug!(conn, id, request = name, code = e.code().as_str(), "request failed");
+                debug!(
+                    conn,
+                    id,
+                    request = name,
+                    code = e.code().as_str(),
+                    "request failed"
+                );
             }
             // Fails only when the connection is gone; nobody is left to tell.
             let _ = tx

@@ -14,8 +14,27 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
+    identity: FileIdentity,
+}
+
+/// Device, inode and change time: inode numbers alone are reused at once on tmpfs.
+#[derive(Debug, PartialEq, Eq)]
+struct FileIdentity {
     dev: u64,
     ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+        }
+    }
 }
 
 impl SocketFile {
@@ -28,7 +47,7 @@ impl SocketFile {
 impl Drop for SocketFile {
     fn drop(&mut self) {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+            Ok(meta) if FileIdentity::of(&meta) == self.identity => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot remove socket");
                 }
@@ -64,8 +83,7 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
     let mode = meta.permissions().mode() & 0o777;
     let file = SocketFile {
         path: path.to_path_buf(),
-        dev: meta.dev(),
-        ino: meta.ino(),
+        identity: FileIdentity::of(&meta),
     };
     if mode != 0o600 {
         return Err(Error::UnsafePermissions {
@@ -155,7 +173,9 @@ mod tests {
     #[test]
     fn refuses_a_non_socket() {
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("broker.sock");
+        let dir = tmp.path().join("run");
+        ensure_private_dir(&dir).unwrap();
+        let path = dir.join("broker.sock");
         std::fs::write(&path, b"x").unwrap();
         let err = bind(&path).unwrap_err().to_string();
         assert!(err.contains("not a socket"), "{err}");
