@@ -385,6 +385,11 @@ impl RawClient {
         client
     }
 
+    /// The frame reader and writer, for tests that drive each side alone.
+    pub fn into_parts(self) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
+        (self.reader, self.writer)
+    }
+
     /// Sends one message.
     pub async fn send(&mut self, msg: &ClientMessage) {
         self.writer.write_message(msg).await.expect("send");

@@ -13,6 +13,9 @@ use kontext_broker_protocol::{
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess, RawClient};
 use tokio::sync::Mutex;
 
+/// The broker's write timeout (`kontext_broker::server::WRITE_TIMEOUT`).
+const WRITE_TIMEOUT: Duration = kontext_broker::server::WRITE_TIMEOUT;
+
 /// Safety net for closes that should be immediate.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,6 +106,40 @@ async fn expect_stall_close(broker: &BrokerProcess, good: &Good, greet: bool) {
     good.ping().await;
 }
 
+/// A peer that sends requests but never reads its answers: once the socket
+/// buffers fill, the broker's write times out and it closes the connection.
+async fn expect_slow_reader_closed(broker: &BrokerProcess, good: &Good) {
+    let client = broker.client().await;
+    let (_read_half_unused, mut writer) = client.into_parts();
+    let batch: Vec<u8> = (0..256u64)
+        .flat_map(|id| {
+            codec::encode_frame(&ClientMessage::Request(RequestFrame {
+                id,
+                request: Request::Ping,
+            }))
+            .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    let flood = async {
+        // Our writes block once the broker stops reading; they fail once it closes.
+        loop {
+            if writer.write_raw(&batch).await.is_err() {
+                return started.elapsed();
+            }
+        }
+    };
+    let waited = tokio::time::timeout(WRITE_TIMEOUT * 4, flood)
+        .await
+        .expect("a peer that never reads was not disconnected");
+    println!("non-reading peer disconnected after {waited:?}");
+    assert!(
+        waited >= WRITE_TIMEOUT - Duration::from_millis(500),
+        "disconnected after {waited:?}, before the write timeout"
+    );
+    good.ping().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_and_closed_while_others_are_served() {
     let mut broker = BrokerProcess::start(BrokerOptions::default());
@@ -151,6 +188,7 @@ async fn bad_input_is_answered_and_closed_while_others_are_served() {
         expect_bad_request(b, g, true, &second_hello),
         expect_stall_close(b, g, false),
         expect_stall_close(b, g, true),
+        expect_slow_reader_closed(b, g),
     );
 
     // Still the same process, still serving, and no connection leaked.
