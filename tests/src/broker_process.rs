@@ -60,6 +60,11 @@ pub struct BrokerOptions {
     pub env: Vec<(OsString, OsString)>,
     /// A command prefix, e.g. `systemd-socket-activate -l PATH`.
     pub launcher: Vec<OsString>,
+    /// Pass socket, state dir and config through `KONTEXT_BROKER_*` variables
+    /// instead of flags.
+    pub paths_via_env: bool,
+    /// Extra command-line arguments.
+    pub args: Vec<OsString>,
 }
 
 impl Default for BrokerOptions {
@@ -71,6 +76,8 @@ impl Default for BrokerOptions {
             state_dir: None,
             env: Vec::new(),
             launcher: Vec::new(),
+            paths_via_env: false,
+            args: Vec::new(),
         }
     }
 }
@@ -287,16 +294,23 @@ fn launch(opts: &BrokerOptions, socket: &Path, state_dir: &Path, config: &Path) 
         }
         None => Command::new(&bin),
     };
-    cmd.arg("--socket")
-        .arg(socket)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", &opts.rust_log)
-        .env_remove("KONTEXT_BROKER_SOCKET")
+    cmd.env_remove("KONTEXT_BROKER_SOCKET")
         .env_remove("KONTEXT_BROKER_STATE_DIR")
-        .env_remove("KONTEXT_BROKER_CONFIG")
+        .env_remove("KONTEXT_BROKER_CONFIG");
+    if opts.paths_via_env {
+        cmd.env("KONTEXT_BROKER_SOCKET", socket)
+            .env("KONTEXT_BROKER_STATE_DIR", state_dir)
+            .env("KONTEXT_BROKER_CONFIG", config);
+    } else {
+        cmd.arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--config")
+            .arg(config);
+    }
+    cmd.args(&opts.args)
+        .env("RUST_LOG", &opts.rust_log)
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS")
         .env_remove("NOTIFY_SOCKET")

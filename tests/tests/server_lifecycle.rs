@@ -201,3 +201,70 @@ async fn systemd_socket_activation() {
     // The socket belongs to the service manager: the broker must leave it.
     assert!(path.exists());
 }
+
+#[tokio::test]
+async fn paths_from_environment_and_json_logs() {
+    let broker = BrokerProcess::start(BrokerOptions {
+        paths_via_env: true,
+        args: vec!["--log-format".into(), "json".into()],
+        ..Default::default()
+    });
+    let status = broker.client().await.status(1).await;
+    assert_eq!(status.broker.socket, broker.socket().display().to_string());
+    assert_eq!(
+        status.broker.state_dir,
+        broker.state_dir().display().to_string()
+    );
+    assert!(broker.state_dir().join("broker.lock").exists());
+    let log = broker.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("listening"))
+        .unwrap_or_else(|| panic!("no listening line in {log}"));
+    let json: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(json["level"], "INFO");
+}
+
+#[tokio::test]
+async fn invalid_config_is_reported_in_one_line() {
+    let mut broker = BrokerProcess::spawn(BrokerOptions {
+        // Through KONTEXT_BROKER_CONFIG, so this also shows the variable is read.
+        paths_via_env: true,
+        config_toml: "max_connections = 0\n".into(),
+        ..Default::default()
+    });
+    assert!(!broker.wait_exit(FAIL_TIMEOUT).success());
+    let err = broker.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("kontext-broker: invalid config")
+                && l.contains("max_connections")),
+        "stderr: {err}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn process_is_hardened() {
+    let broker = BrokerProcess::start(BrokerOptions::default());
+    let proc_file =
+        |name: &str| std::fs::read_to_string(format!("/proc/{}/{name}", broker.pid())).unwrap();
+    let status = proc_file("status");
+    assert!(status.lines().any(|l| l == "Umask:\t0077"), "{status}");
+    let limits = proc_file("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = nofile.split_whitespace().collect();
+    assert_eq!(
+        fields[3], fields[4],
+        "soft NOFILE not raised to hard: {nofile}"
+    );
+}
