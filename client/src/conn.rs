@@ -447,6 +447,21 @@ impl BrokerClient {
         )
     }
 
+    /// Calls and watches currently routed on this connection (for tests and metrics).
+    #[doc(hidden)]
+    pub fn pending_routes(&self) -> usize {
+        match &*self
+            .inner
+            .shared
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Routes::Open(map) => map.len(),
+            Routes::Closed => 0,
+        }
+    }
+
     /// Registers `slot` under a fresh id and queues the request. Fails with
     /// `Disconnected` when the connection is already closed.
     fn send(&self, request: Request, slot: Slot) -> Result<u64> {
