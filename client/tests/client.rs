@@ -66,7 +66,10 @@ async fn socket_owned_by_another_uid_is_refused_before_any_byte() {
     let err = BrokerClient::connect_to(&mock.path).await.unwrap_err();
     match &err {
         Error::PeerRejected { reason, .. } => {
-            assert!(reason.contains("owned by uid 65534, not you (uid 0)"), "{reason}")
+            assert!(
+                reason.contains("owned by uid 65534, not you (uid 0)"),
+                "{reason}"
+            )
         }
         other => panic!("expected PeerRejected, got {other:?}"),
     }
@@ -76,7 +79,11 @@ async fn socket_owned_by_another_uid_is_refused_before_any_byte() {
     std::os::unix::fs::chown(&mock.path, Some(0), Some(0)).unwrap();
     let c = BrokerClient::connect_to(&mock.path).await.unwrap();
     c.ping().await.unwrap();
-    assert_eq!(mock.hellos(), 1, "the refused attempt must not send a Hello");
+    assert_eq!(
+        mock.hellos(),
+        1,
+        "the refused attempt must not send a Hello"
+    );
 }
 
 /// N calls in flight on one connection, answered in reverse order: each caller
@@ -94,7 +101,12 @@ async fn many_concurrent_calls_resolved_out_of_order() {
     }
     let arrived = Arc::new(AtomicUsize::new(0));
     let order = Arc::new(Mutex::new(Vec::new()));
-    let (t, s, a, o) = (turns.clone(), signals.clone(), arrived.clone(), order.clone());
+    let (t, s, a, o) = (
+        turns.clone(),
+        signals.clone(),
+        arrived.clone(),
+        order.clone(),
+    );
     let mock = Mock::start(handler(move |r| {
         let (t, s, a, o) = (t.clone(), s.clone(), a.clone(), o.clone());
         async move {
@@ -200,10 +212,16 @@ async fn disconnect_wakes_every_pending_call() {
     }
     let ev = tokio::time::timeout(NET, w.next()).await.unwrap();
     assert!(matches!(ev, Some(Err(Error::Disconnected))), "{ev:?}");
-    assert!(w.next().await.is_none(), "the stream ends after Disconnected");
+    assert!(
+        w.next().await.is_none(),
+        "the stream ends after Disconnected"
+    );
     assert!(c.is_closed());
     let err = c.ping().await.unwrap_err();
-    assert!(matches!(err, Error::Disconnected), "later calls fail at once");
+    assert!(
+        matches!(err, Error::Disconnected),
+        "later calls fail at once"
+    );
 }
 
 #[tokio::test]
@@ -216,7 +234,11 @@ async fn watch_events_are_routed_by_subscription() {
     let c = BrokerClient::connect_to(&mock.path).await.unwrap();
     let mut a = c.watch("a").await.unwrap();
     let mut b = c.watch("b").await.unwrap();
-    let first = tokio::time::timeout(NET, a.next()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(NET, a.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(matches!(first, WatchEvent::Token { ref token, .. } if token.generation == 1));
 
     assert_eq!(
@@ -235,9 +257,23 @@ async fn watch_events_are_routed_by_subscription() {
         }),
         1
     );
-    let ev = tokio::time::timeout(NET, b.next()).await.unwrap().unwrap().unwrap();
-    assert!(matches!(ev, WatchEvent::State { state: ProfileState::Refreshing, .. }));
-    let ev = tokio::time::timeout(NET, a.next()).await.unwrap().unwrap().unwrap();
+    let ev = tokio::time::timeout(NET, b.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        ev,
+        WatchEvent::State {
+            state: ProfileState::Refreshing,
+            ..
+        }
+    ));
+    let ev = tokio::time::timeout(NET, a.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(matches!(ev, WatchEvent::Token { ref token, .. } if token.generation == 2));
 
     // Dropping a stream stops routing to it; the other keeps working.
@@ -250,8 +286,17 @@ async fn watch_events_are_routed_by_subscription() {
     mock.push(WatchEvent::Removed {
         profile: "b".into(),
     });
-    let ev = tokio::time::timeout(NET, b.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(ev, WatchEvent::Removed { profile: "b".into() });
+    let ev = tokio::time::timeout(NET, b.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        WatchEvent::Removed {
+            profile: "b".into()
+        }
+    );
     c.ping().await.unwrap();
 
     mock.drop_connections();
@@ -283,10 +328,16 @@ async fn broker_errors_become_typed_client_errors() {
         let c = c.clone();
         async move { c.get_token(p, Duration::ZERO).await.unwrap_err() }
     };
-    assert!(matches!(get("reauth").await, Error::ReauthRequired { ref message, .. } if message.contains("kontext login")));
-    assert!(matches!(get("unknown").await, Error::UnknownProfile { ref profile } if profile == "unknown"));
+    assert!(
+        matches!(get("reauth").await, Error::ReauthRequired { ref message, .. } if message.contains("kontext login"))
+    );
+    assert!(
+        matches!(get("unknown").await, Error::UnknownProfile { ref profile } if profile == "unknown")
+    );
     assert!(matches!(get("locked").await, Error::Locked));
-    assert!(matches!(get("idp").await, Error::Unavailable { retry_after, .. } if retry_after == Duration::from_secs(4)));
+    assert!(
+        matches!(get("idp").await, Error::Unavailable { retry_after, .. } if retry_after == Duration::from_secs(4))
+    );
 }
 
 #[tokio::test]

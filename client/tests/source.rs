@@ -58,7 +58,11 @@ async fn fresh_token_is_served_without_ipc_and_swapped_on_push() {
     for _ in 0..1000 {
         assert_eq!(src.token().await.unwrap().generation, 1);
     }
-    assert_eq!(mock.requests().len(), before, "no request reached the broker");
+    assert_eq!(
+        mock.requests().len(),
+        before,
+        "no request reached the broker"
+    );
     assert_eq!(mock.count(is_get), 0);
 
     assert_eq!(mock.push(push_token(2, 3600)), 1);
@@ -136,7 +140,11 @@ async fn reauth_from_get_token_is_sticky_too() {
 async fn reconnects_and_resubscribes_after_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.sock");
-    let mock = Mock::start_at(&path, serving(99), Some(kontext_broker_protocol::PROTOCOL_VERSION));
+    let mock = Mock::start_at(
+        &path,
+        serving(99),
+        Some(kontext_broker_protocol::PROTOCOL_VERSION),
+    );
     mock.set_initial(vec![push_token(1, 3600)]);
     let src = BrokerTokenSource::builder().socket(&path).build();
     until(&src, |s| s.cached_generation() == Some(1)).await;
@@ -144,7 +152,11 @@ async fn reconnects_and_resubscribes_after_broker_restart() {
     let path = mock.stop();
     // The cached token stays usable while the broker is away.
     assert_eq!(src.token().await.unwrap().generation, 1);
-    let mock2 = Mock::start_at(&path, serving(99), Some(kontext_broker_protocol::PROTOCOL_VERSION));
+    let mock2 = Mock::start_at(
+        &path,
+        serving(99),
+        Some(kontext_broker_protocol::PROTOCOL_VERSION),
+    );
     mock2.set_initial(vec![push_token(2, 3600)]);
     until(&src, |s| s.cached_generation() == Some(2)).await;
     assert_eq!(src.token().await.unwrap().generation, 2);
@@ -163,7 +175,11 @@ async fn falls_back_to_get_token_while_watch_is_down() {
         Err(Error::BrokerNotRunning { .. })
     ));
     // The broker appears with no token to push: GetToken answers.
-    let mock = Mock::start_at(&path, serving(3), Some(kontext_broker_protocol::PROTOCOL_VERSION));
+    let mock = Mock::start_at(
+        &path,
+        serving(3),
+        Some(kontext_broker_protocol::PROTOCOL_VERSION),
+    );
     assert_eq!(src.token().await.unwrap().generation, 3);
     assert_eq!(mock.count(is_get), 1);
 }

@@ -21,7 +21,10 @@ pub enum Action {
     /// Close the connection.
     Disconnect,
     /// Reply, then signal (after the reply is queued for the wire, in order).
-    ReplyThen(Result<Response, BrokerError>, tokio::sync::oneshot::Sender<()>),
+    ReplyThen(
+        Result<Response, BrokerError>,
+        tokio::sync::oneshot::Sender<()>,
+    ),
 }
 
 pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Action> + Send + Sync>;
@@ -107,7 +110,13 @@ impl Mock {
     }
 
     pub fn count(&self, pred: impl Fn(&Request) -> bool) -> usize {
-        self.shared.requests.lock().unwrap().iter().filter(|r| pred(r)).count()
+        self.shared
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| pred(r))
+            .count()
     }
 
     pub fn hellos(&self) -> usize {
@@ -224,7 +233,13 @@ async fn serve(
                 id: frame.id,
                 result: Ok(Response::Watching),
             }));
-            for ev in shared.initial.lock().unwrap().iter().filter(|e| e.profile() == profile) {
+            for ev in shared
+                .initial
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.profile() == profile)
+            {
                 let _ = tx.send(ServerMessage::Event {
                     id: frame.id,
                     event: ev.clone(),
