@@ -1,1 +1,5 @@
-fn main() {}
+//! `broker-ctl`: the control CLI of kontext-broker. See `kontext_broker::ctl`.
+
+fn main() -> std::process::ExitCode {
+    kontext_broker::ctl::main()
+}

@@ -1,1 +1,468 @@
-//! (in progress)
+//! `broker-ctl`: the command line for users and scripts (SPEC §7).
+//!
+//! Data goes to stdout; every failure is one line on stderr naming the cause and
+//! the fix, and the exit code says which kind of failure it was (see [`exit`]).
+
+mod render;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{CommandFactory, Parser, Subcommand};
+use futures::StreamExt;
+use kontext_broker_client::{BrokerClient, Error as ClientError};
+use kontext_broker_protocol::{
+    paths, ImportRequest, Request, Response, Secret, Token, DEFAULT_PROFILE,
+};
+
+pub use render::{rfc3339, status_json, status_table, watch_json, watch_line};
+
+/// Exit codes of `broker-ctl` (SPEC §7). Scripts rely on these numbers.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any failure without a more specific code.
+    pub const OTHER: u8 = 1;
+    /// Bad command line (clap's own exit code).
+    pub const USAGE: u8 = 2;
+    /// Broker not running, unreachable, timed out, or refused as a foreign peer.
+    pub const UNREACHABLE: u8 = 3;
+    /// The profile needs a new login.
+    pub const REAUTH_REQUIRED: u8 = 4;
+    /// The identity provider is unavailable and no valid token is cached.
+    pub const IDP_UNAVAILABLE: u8 = 5;
+    /// No such profile.
+    pub const UNKNOWN_PROFILE: u8 = 6;
+    /// The broker's store is locked.
+    pub const LOCKED: u8 = 7;
+}
+
+/// The exit code for a client error.
+pub fn exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::BrokerNotRunning { .. }
+        | ClientError::PeerRejected { .. }
+        | ClientError::Timeout
+        | ClientError::Disconnected => exit::UNREACHABLE,
+        ClientError::ReauthRequired { .. } => exit::REAUTH_REQUIRED,
+        ClientError::Unavailable { .. } => exit::IDP_UNAVAILABLE,
+        ClientError::UnknownProfile { .. } => exit::UNKNOWN_PROFILE,
+        ClientError::Locked => exit::LOCKED,
+        ClientError::VersionMismatch { .. }
+        | ClientError::BadRequest { .. }
+        | ClientError::Internal { .. }
+        | ClientError::Protocol(_)
+        | ClientError::Io(_) => exit::OTHER,
+    }
+}
+
+/// A failure: the exit code and the one-line message for stderr.
+#[derive(Debug)]
+pub struct Failure {
+    /// Process exit code, from [`exit`].
+    pub code: u8,
+    /// Cause and fix, on one line, without the `broker-ctl: ` prefix.
+    pub message: String,
+}
+
+impl Failure {
+    fn other(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::OTHER,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure {
+            code: exit_code(&e),
+            // Error messages may span lines (broker detail); keep stderr to one.
+            message: e.to_string().replace('\n', " "),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::other(format!("cannot write output: {e}"))
+    }
+}
+
+/// Control the kontext token broker.
+#[derive(Debug, Parser)]
+#[command(name = "broker-ctl", version, about)]
+pub struct Cli {
+    /// Broker socket [default: $XDG_RUNTIME_DIR/kontext/broker.sock, else ${TMPDIR:-/tmp}/kontext-$UID/broker.sock]
+    #[arg(
+        long,
+        global = true,
+        env = "KONTEXT_BROKER_SOCKET",
+        value_name = "PATH"
+    )]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `broker-ctl` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that the broker answers.
+    Ping,
+    /// Show the broker and its profiles.
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the broker to exit.
+    Shutdown,
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print an access token (only the token and a newline).
+    Token {
+        #[arg(long, default_value = DEFAULT_PROFILE)]
+        profile: String,
+        /// Minimum remaining validity in seconds (the broker caps it, SPEC §5).
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        min_valid: u64,
+    },
+    /// Refresh now and print the new expiry (RFC 3339).
+    Refresh {
+        #[arg(long, default_value = DEFAULT_PROFILE)]
+        profile: String,
+    },
+    /// Report the token of GENERATION as rejected; the broker refreshes if it is current.
+    Invalidate {
+        #[arg(long, default_value = DEFAULT_PROFILE)]
+        profile: String,
+        #[arg(long, value_name = "N")]
+        generation: u64,
+    },
+    /// Stream token and state events, one line each.
+    Watch {
+        #[arg(long, default_value = DEFAULT_PROFILE)]
+        profile: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a profile from a token endpoint response (RFC 6749 §5.1 JSON) on stdin.
+    Import {
+        #[arg(long, default_value = DEFAULT_PROFILE)]
+        profile: String,
+        #[arg(long, value_name = "URL")]
+        issuer: String,
+        #[arg(long, value_name = "ID")]
+        client_id: String,
+        /// File holding the client secret (never pass secrets as arguments).
+        #[arg(long, value_name = "FILE")]
+        client_secret_file: Option<PathBuf>,
+        /// Scope (repeatable).
+        #[arg(long = "scope", value_name = "S")]
+        scopes: Vec<String>,
+    },
+    /// Revoke the refresh token (if the IdP supports it) and delete the profile.
+    Logout {
+        #[arg(long, default_value = DEFAULT_PROFILE)]
+        profile: String,
+        /// Delete without revoking at the IdP.
+        #[arg(long)]
+        no_revoke: bool,
+    },
+    /// Unlock a passphrase-protected store (reads the tty without echo).
+    Unlock {
+        /// Read the passphrase from this file descriptor instead.
+        #[arg(long, value_name = "N")]
+        passphrase_fd: Option<i32>,
+    },
+    /// Drop all decrypted secrets from the broker's memory.
+    Lock,
+}
+
+/// Entry point of the `broker-ctl` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse(); // exits 2 on usage errors
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("broker-ctl: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::OTHER);
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let mut stdin = std::io::stdin();
+    match rt.block_on(run(cli, &mut stdin, &mut stdout)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let _ = stdout.flush();
+            eprintln!("broker-ctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn connect(cli_socket: Option<&std::path::Path>) -> Result<BrokerClient, Failure> {
+    Ok(BrokerClient::builder()
+        .socket(paths::socket_path(cli_socket))
+        .client_name("broker-ctl")
+        .connect()
+        .await?)
+}
+
+/// Runs one parsed command, reading stdin (for `import`) and writing data to `out`.
+pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<(), Failure> {
+    let socket = cli.socket.as_deref();
+    match cli.command {
+        Command::Completions { shell } => {
+            // Generate into memory: clap_complete panics on a write error
+            // (e.g. a closed pipe), and we want a clean exit instead.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "broker-ctl", &mut script);
+            out.write_all(&script)?;
+        }
+        Command::Ping => {
+            let c = connect(socket).await?;
+            c.ping().await?;
+            let w = c.welcome();
+            writeln!(out, "ok: broker {} (pid {})", w.broker_version, w.pid)?;
+        }
+        Command::Status { json } => {
+            let report = connect(socket).await?.status().await?;
+            if json {
+                writeln!(out, "{}", status_json(&report))?;
+            } else {
+                write!(out, "{}", status_table(&report, now()))?;
+            }
+        }
+        Command::Shutdown => {
+            connect(socket).await?.shutdown().await?;
+            writeln!(out, "broker is shutting down")?;
+        }
+        Command::Token { profile, min_valid } => {
+            let t = connect(socket)
+                .await?
+                .get_token(&profile, Duration::from_secs(min_valid))
+                .await?;
+            writeln!(out, "{}", t.access_token.expose())?;
+        }
+        Command::Refresh { profile } => {
+            let t = connect(socket).await?.refresh(&profile).await?;
+            writeln!(out, "{}", rfc3339(t.expires_at))?;
+        }
+        Command::Invalidate {
+            profile,
+            generation,
+        } => {
+            let r = connect(socket)
+                .await?
+                .request(Request::Invalidate {
+                    profile,
+                    generation,
+                })
+                .await?;
+            let Response::Token(t) = r else {
+                return Err(Failure::other(
+                    "unexpected answer from the broker to Invalidate; check versions with `broker-ctl ping`",
+                ));
+            };
+            writeln!(out, "{}", describe(&t))?;
+        }
+        Command::Watch { profile, json } => {
+            let c = connect(socket).await?;
+            let mut events = c.watch(&profile).await?;
+            while let Some(ev) = events.next().await {
+                let ev = ev?;
+                if json {
+                    writeln!(out, "{}", watch_json(&ev))?;
+                } else {
+                    writeln!(out, "{}", watch_line(&ev, now()))?;
+                }
+                out.flush()?;
+            }
+        }
+        Command::Import {
+            profile,
+            issuer,
+            client_id,
+            client_secret_file,
+            scopes,
+        } => {
+            let token_response = read_token_response(input)?;
+            let client_secret = match client_secret_file {
+                Some(f) => Some(read_secret_file(&f)?),
+                None => None,
+            };
+            let p = connect(socket)
+                .await?
+                .import(ImportRequest {
+                    profile,
+                    issuer,
+                    client_id,
+                    client_secret,
+                    scopes,
+                    token_response,
+                })
+                .await?;
+            writeln!(
+                out,
+                "imported profile `{}` ({}); access token expires {}",
+                p.name,
+                p.state.as_str(),
+                p.access_token_expires_at
+                    .map_or_else(|| "-".to_owned(), rfc3339)
+            )?;
+        }
+        Command::Logout { profile, no_revoke } => {
+            let o = connect(socket).await?.logout(&profile, !no_revoke).await?;
+            match (o.revoked, o.revoke_error) {
+                (true, _) => writeln!(out, "logged out `{profile}`; refresh token revoked")?,
+                (false, Some(why)) => writeln!(
+                    out,
+                    "logged out `{profile}`; refresh token not revoked: {why}"
+                )?,
+                (false, None) => {
+                    writeln!(out, "logged out `{profile}`; refresh token not revoked")?
+                }
+            }
+        }
+        Command::Unlock { passphrase_fd } => {
+            let passphrase = match passphrase_fd {
+                Some(fd) => read_passphrase_fd(fd)?,
+                None => read_passphrase_tty()?,
+            };
+            if passphrase.is_empty() {
+                return Err(Failure::other(
+                    "empty passphrase; nothing was sent to the broker",
+                ));
+            }
+            connect(socket).await?.unlock(passphrase).await?;
+            writeln!(out, "unlocked")?;
+        }
+        Command::Lock => {
+            connect(socket).await?.lock().await?;
+            writeln!(out, "locked")?;
+        }
+    }
+    Ok(())
+}
+
+/// Generation and expiry of a token, never the token.
+fn describe(t: &Token) -> String {
+    format!(
+        "generation {} expires {}",
+        t.generation,
+        rfc3339(t.expires_at)
+    )
+}
+
+/// The part of a token response checked locally before it is sent.
+#[derive(serde::Deserialize)]
+struct TokenResponseProbe {
+    access_token: Option<Secret>,
+    refresh_token: Option<Secret>,
+}
+
+/// Reads and checks the RFC 6749 §5.1 JSON. Errors never quote the input.
+fn read_token_response(input: &mut dyn Read) -> Result<Secret, Failure> {
+    let mut buf = String::new();
+    let read = input.read_to_string(&mut buf);
+    // Wrap first, so the bytes are zeroed on every path.
+    let raw = Secret::new(buf);
+    read.map_err(|e| Failure::other(format!("cannot read the token response on stdin: {e}")))?;
+    let probe: TokenResponseProbe = serde_json::from_str(raw.expose()).map_err(|e| {
+        Failure::other(format!(
+            "stdin is not a token endpoint response (RFC 6749 §5.1 JSON): error at line {} column {}; pipe the IdP's token response into `broker-ctl import`",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if probe.access_token.as_ref().is_none_or(Secret::is_empty) {
+        return Err(Failure::other(
+            "the token response on stdin has no access_token; pipe the IdP's token endpoint response unchanged",
+        ));
+    }
+    if probe.refresh_token.as_ref().is_none_or(Secret::is_empty) {
+        return Err(Failure::other(
+            "the token response on stdin has no refresh_token, so the broker could not renew it; request the `offline_access` scope (or enable refresh tokens for the client) and run the flow again",
+        ));
+    }
+    Ok(raw)
+}
+
+fn read_secret_file(path: &std::path::Path) -> Result<Secret, Failure> {
+    let raw = Secret::new(std::fs::read_to_string(path).map_err(|e| {
+        Failure::other(format!(
+            "cannot read client secret file {}: {e}",
+            path.display()
+        ))
+    })?);
+    let trimmed = Secret::from(raw.expose().trim_end_matches(['\r', '\n']));
+    if trimmed.is_empty() {
+        return Err(Failure::other(format!(
+            "client secret file {} is empty; put the secret in it",
+            path.display()
+        )));
+    }
+    Ok(trimmed)
+}
+
+fn read_passphrase_fd(fd: i32) -> Result<Secret, Failure> {
+    use std::os::fd::FromRawFd;
+    if fd < 0 {
+        return Err(Failure {
+            code: exit::USAGE,
+            message: format!("--passphrase-fd {fd} is not a file descriptor"),
+        });
+    }
+    // SAFETY: the caller handed this descriptor to us for the passphrase; the
+    // ManuallyDrop keeps it open, so fds 0-2 or shared ones are not closed.
+    let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let mut buf = String::new();
+    let read = file.read_to_string(&mut buf);
+    let raw = Secret::new(buf);
+    read.map_err(|e| {
+        Failure::other(format!(
+            "cannot read the passphrase from fd {fd}: {e}; pass an open, readable descriptor"
+        ))
+    })?;
+    // Only the first line counts, so `echo pass |` and here-strings work.
+    Ok(Secret::from(raw.expose().lines().next().unwrap_or("")))
+}
+
+fn read_passphrase_tty() -> Result<Secret, Failure> {
+    rpassword::prompt_password("broker passphrase: ")
+        .map(Secret::new)
+        .map_err(|e| {
+            Failure::other(format!(
+                "cannot read the passphrase from the terminal ({e}); use --passphrase-fd N"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests;

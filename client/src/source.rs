@@ -1,0 +1,402 @@
+//! [`TokenSource`] and the broker-backed [`BrokerTokenSource`].
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use futures::StreamExt;
+use kontext_broker_protocol::{Token, WatchEvent, DEFAULT_PROFILE};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{BrokerClient, ClientBuilder, Error, Result};
+
+/// Something that hands out access tokens, close to golang.org/x/oauth2's
+/// `TokenSource`, plus a way to report a token the server rejected.
+///
+/// The futures are `Send`, so a source can be used from any task; generic code
+/// (such as the tower layer) takes `S: TokenSource`.
+pub trait TokenSource: Send + Sync {
+    /// A token that is valid now, with a small margin.
+    fn token(&self) -> impl Future<Output = Result<Token>> + Send;
+    /// `stale` was rejected by a server: get a newer token (the broker refreshes
+    /// only if `stale` is still its current token).
+    fn invalidate(&self, stale: &Token) -> impl Future<Output = Result<Token>> + Send;
+}
+
+impl<T: TokenSource> TokenSource for Arc<T> {
+    fn token(&self) -> impl Future<Output = Result<Token>> + Send {
+        (**self).token()
+    }
+    fn invalidate(&self, stale: &Token) -> impl Future<Output = Result<Token>> + Send {
+        (**self).invalidate(stale)
+    }
+}
+
+/// First reconnect delay after the connection to the broker drops.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+/// Longest delay between reconnect attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Default upper bound of the validity a cached token must still have to be served.
+const DEFAULT_MAX_MARGIN: Duration = Duration::from_secs(30);
+
+/// What the source currently knows. Swapped as a whole, so readers never see
+/// a token paired with another token's deadline.
+enum Cached {
+    /// Nothing usable: ask the broker.
+    Empty,
+    /// A token, served without IPC until `fresh_until_ms` (unix milliseconds).
+    Token { token: Token, fresh_until_ms: u64 },
+    /// The refresh token is dead. Sticky until the broker pushes a new token.
+    Reauth { message: String },
+}
+
+struct State {
+    profile: String,
+    builder: ClientBuilder,
+    max_margin: Duration,
+    cache: ArcSwap<Cached>,
+    /// The connection used for fallback calls (shared with the watch task).
+    conn: ArcSwapOption<BrokerClient>,
+    /// Bumped on every change of `cache`; lets callers wait for pushes.
+    updates: watch::Sender<u64>,
+}
+
+/// Wall-clock milliseconds since the epoch.
+///
+/// Wall-clock on purpose: token expiry is wall-clock, and a monotonic clock stops
+/// during suspend, which would make a token look fresh after resume. On Linux
+/// `SystemTime::now()` is a vDSO read, not a syscall.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The instant (unix ms) after which `token` is no longer served from cache:
+/// expiry minus `min(max_margin, lifetime / 10)`, the broker's own margin rule
+/// (SPEC §5), so short test lifetimes behave like real ones.
+fn fresh_until_ms(token: &Token, max_margin: Duration) -> u64 {
+    let lifetime_ms = token.expires_at.saturating_sub(token.issued_at) * 1000;
+    let margin_ms = (max_margin.as_millis() as u64).min(lifetime_ms / 10);
+    (token.expires_at * 1000).saturating_sub(margin_ms)
+}
+
+impl State {
+    fn set(&self, new: Cached) {
+        self.cache.store(Arc::new(new));
+        self.updates.send_modify(|n| *n += 1);
+    }
+
+    /// Stores `token` unless a newer generation is already cached (a slow
+    /// fallback answer must not replace a newer pushed token).
+    fn store_token(&self, token: &Token) {
+        let fresh = fresh_until_ms(token, self.max_margin);
+        let mut stored = false;
+        self.cache.rcu(|cur| match &**cur {
+            Cached::Token { token: c, .. } if c.generation > token.generation => {
+                stored = false;
+                cur.clone()
+            }
+            _ => {
+                stored = true;
+                Arc::new(Cached::Token {
+                    token: token.clone(),
+                    fresh_until_ms: fresh,
+                })
+            }
+        });
+        if stored {
+            self.updates.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn apply(&self, event: WatchEvent) {
+        match event {
+            WatchEvent::Token { token, .. } => {
+                tracing::debug!(profile = %self.profile, generation = token.generation, "token pushed");
+                // A push is authoritative: it also clears a sticky reauth.
+                self.set(Cached::Token {
+                    fresh_until_ms: fresh_until_ms(&token, self.max_margin),
+                    token,
+                });
+            }
+            WatchEvent::ReauthRequired { message, .. } => self.set_reauth(message),
+            WatchEvent::Removed { .. } => self.set(Cached::Empty),
+            WatchEvent::State { .. } => {}
+        }
+    }
+
+    fn set_reauth(&self, message: String) {
+        if !matches!(**self.cache.load(), Cached::Reauth { .. }) {
+            tracing::warn!(profile = %self.profile, "broker reports that a new login is needed");
+        }
+        self.set(Cached::Reauth { message });
+    }
+
+    /// A live connection: the shared one, or a new one.
+    async fn client(&self) -> Result<BrokerClient> {
+        if let Some(c) = self.conn.load_full() {
+            if !c.is_closed() {
+                return Ok((*c).clone());
+            }
+        }
+        let c = self.builder.clone().connect().await?;
+        self.conn.store(Some(Arc::new(c.clone())));
+        Ok(c)
+    }
+
+    /// Runs `call` on a live connection, once more on a fresh one if the first
+    /// connection turns out to be dead.
+    async fn with_client<F, Fut>(&self, call: F) -> Result<Token>
+    where
+        F: Fn(BrokerClient) -> Fut,
+        Fut: Future<Output = Result<Token>>,
+    {
+        let result = match call(self.client().await?).await {
+            Err(Error::Disconnected) => call(self.client().await?).await,
+            other => other,
+        };
+        match &result {
+            Ok(t) => self.store_token(t),
+            Err(Error::ReauthRequired { message, .. }) => self.set_reauth(message.clone()),
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// The background task: keep a `Watch` subscription open, reconnecting with
+/// backoff, and apply every pushed event to the cache.
+async fn watch_loop(state: Arc<State>) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let attempt = async {
+            let client = state.client().await?;
+            client.watch(&state.profile).await
+        };
+        match attempt.await {
+            Ok(mut stream) => {
+                backoff = BACKOFF_START;
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(event) => state.apply(event),
+                        Err(e) => {
+                            tracing::debug!(profile = %state.profile, error = %e, "watch ended");
+                            break;
+                        }
+                    }
+                }
+                // Reconnect at once after a drop; back off if that fails too.
+                continue;
+            }
+            Err(Error::ReauthRequired { message, .. }) => state.set_reauth(message),
+            Err(e) => tracing::debug!(profile = %state.profile, error = %e, "watch failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+struct Handle {
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A [`TokenSource`] backed by the broker, for one profile.
+///
+/// It holds a `Watch` subscription; a background task swaps the cached token
+/// whenever the broker pushes one, so [`TokenSource::token`] is a lock-free
+/// memory read while the token is fresh. When stale or absent it falls back to
+/// `GetToken`. After the broker restarts it reconnects with backoff (50 ms
+/// doubling to 2 s). `ReauthRequired` is sticky, answered without IPC, until the
+/// broker pushes a new token. Clones share everything; the task stops when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct BrokerTokenSource {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for BrokerTokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerTokenSource")
+            .field("profile", &self.handle.state.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for [`BrokerTokenSource`].
+#[derive(Debug, Clone)]
+pub struct TokenSourceBuilder {
+    profile: String,
+    client: ClientBuilder,
+    max_margin: Duration,
+}
+
+impl TokenSourceBuilder {
+    /// The profile to serve (default `default`).
+    pub fn profile(mut self, profile: impl Into<String>) -> Self {
+        self.profile = profile.into();
+        self
+    }
+
+    /// The broker socket (default: resolved as in SPEC §1).
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.client = self.client.socket(path);
+        self
+    }
+
+    /// Connection options (socket, timeouts, client name).
+    pub fn client(mut self, client: ClientBuilder) -> Self {
+        self.client = client;
+        self
+    }
+
+    /// Most validity a cached token must have left to be served without asking
+    /// the broker (default 30 s; capped at a tenth of the token's lifetime).
+    pub fn max_margin(mut self, d: Duration) -> Self {
+        self.max_margin = d;
+        self
+    }
+
+    /// Starts the source. Must be called inside a tokio runtime; it does not
+    /// wait for the broker, so it works while the broker is still starting.
+    pub fn build(self) -> BrokerTokenSource {
+        let (updates, _) = watch::channel(0);
+        let state = Arc::new(State {
+            profile: self.profile,
+            builder: self.client,
+            max_margin: self.max_margin,
+            cache: ArcSwap::from_pointee(Cached::Empty),
+            conn: ArcSwapOption::empty(),
+            updates,
+        });
+        let task = tokio::spawn(watch_loop(state.clone()));
+        BrokerTokenSource {
+            handle: Arc::new(Handle { state, task }),
+        }
+    }
+}
+
+impl BrokerTokenSource {
+    /// A source for `profile` on the default socket.
+    pub fn new(profile: impl Into<String>) -> Self {
+        Self::builder().profile(profile).build()
+    }
+
+    /// Options.
+    pub fn builder() -> TokenSourceBuilder {
+        TokenSourceBuilder {
+            profile: DEFAULT_PROFILE.to_owned(),
+            client: ClientBuilder::default(),
+            max_margin: DEFAULT_MAX_MARGIN,
+        }
+    }
+
+    /// The profile this source serves.
+    pub fn profile(&self) -> &str {
+        &self.handle.state.profile
+    }
+
+    /// A receiver whose value increases whenever the cached state changes
+    /// (pushed token, reauth, removal, fallback answer). Useful to wait for
+    /// the first push without polling.
+    pub fn updates(&self) -> watch::Receiver<u64> {
+        self.handle.state.updates.subscribe()
+    }
+
+    /// The generation of the cached token, if one is cached (fresh or not).
+    pub fn cached_generation(&self) -> Option<u64> {
+        match &**self.handle.state.cache.load() {
+            Cached::Token { token, .. } => Some(token.generation),
+            _ => None,
+        }
+    }
+}
+
+impl TokenSource for BrokerTokenSource {
+    fn token(&self) -> impl Future<Output = Result<Token>> + Send {
+        let state = &self.handle.state;
+        // Fast path: decided synchronously, before any await, with one atomic
+        // load and one clock read.
+        let fast = match &**state.cache.load() {
+            Cached::Token {
+                token,
+                fresh_until_ms,
+            } if now_ms() < *fresh_until_ms => Some(Ok(token.clone())),
+            Cached::Reauth { message } => Some(Err(Error::ReauthRequired {
+                profile: state.profile.clone(),
+                message: message.clone(),
+            })),
+            _ => None,
+        };
+        async move {
+            if let Some(r) = fast {
+                return r;
+            }
+            let min_valid = state.max_margin;
+            state
+                .with_client(|c| async move { c.get_token(&state.profile, min_valid).await })
+                .await
+        }
+    }
+
+    fn invalidate(&self, stale: &Token) -> impl Future<Output = Result<Token>> + Send {
+        let state = &self.handle.state;
+        let generation = stale.generation;
+        // Stop serving the rejected token at once, so concurrent callers ask
+        // the broker instead of reusing it.
+        state.cache.rcu(|cur| match &**cur {
+            Cached::Token { token, .. } if token.generation == generation => {
+                Arc::new(Cached::Empty)
+            }
+            _ => cur.clone(),
+        });
+        let stale = stale.clone();
+        async move {
+            state
+                .with_client(|c| {
+                    let stale = &stale;
+                    async move { c.invalidate(&state.profile, stale).await }
+                })
+                .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok(issued_at: u64, expires_at: u64) -> Token {
+        Token {
+            access_token: "x".into(),
+            token_type: "Bearer".into(),
+            expires_at,
+            issued_at,
+            generation: 1,
+            scopes: vec![],
+        }
+    }
+
+    #[test]
+    fn margin_is_a_tenth_of_short_lifetimes_and_capped_for_long_ones() {
+        // 10 s token: margin 1 s.
+        assert_eq!(fresh_until_ms(&tok(100, 110), DEFAULT_MAX_MARGIN), 109_000);
+        // 1 h token: margin capped at 30 s.
+        assert_eq!(
+            fresh_until_ms(&tok(0, 3600), DEFAULT_MAX_MARGIN),
+            3_570_000
+        );
+        // Nonsense (expires before issued): never fresh beyond expiry.
+        assert_eq!(fresh_until_ms(&tok(200, 100), DEFAULT_MAX_MARGIN), 100_000);
+    }
+}
