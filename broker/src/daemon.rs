@@ -111,7 +111,9 @@ async fn serve(
     let listener =
         tokio::net::UnixListener::from_std(listener).context("registering the socket")?;
     let socket = info.socket.clone();
-    let service = Service::new(config, info);
+    // Opening the store checks permissions, creates the identity on first start
+    // and starts one engine per profile.
+    let service = Service::open(config, info).await?;
     let shutdown = service.shutdown_token();
     spawn_signal_watch(shutdown.clone())?;
 
