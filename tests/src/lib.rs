@@ -5,3 +5,4 @@ pub mod broker_process;
 pub mod fake_idp;
 pub mod html_form;
 pub mod oidc_provider;
+pub mod scenario;

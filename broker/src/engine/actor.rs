@@ -617,9 +617,21 @@ async fn run_job(job: Job, deps: EngineDeps) -> JobResult {
         Job::Save(record) => JobResult::Saved {
             saved: save(&deps, record).await.map_err(|e| e.to_string()),
         },
-        Job::Refresh(record) => match deps.endpoint.refresh(record.clone()).await {
+        Job::Refresh(record) => {
+            // The IdP computes expiry from its clock when it handles the request,
+            // in whole seconds. Stamping our copy with the (floored) time the
+            // request started keeps our expiry at or before the IdP's.
+            let started_secs = deps.clock.now_secs();
+            refresh_job(record, deps, started_secs).await
+        }
+    }
+}
+
+async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_secs: u64) -> JobResult {
+    {
+        match deps.endpoint.refresh(record.clone()).await {
             Ok(refreshed) => {
-                let record = apply(record, refreshed, deps.clock.now_secs());
+                let record = apply(record, refreshed, started_secs);
                 let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
                 JobResult::Refreshed { record, saved }
             }
@@ -637,7 +649,7 @@ async fn run_job(job: Job, deps: EngineDeps) -> JobResult {
                 }
             }
             Err(RefreshError::Transient(detail)) => JobResult::Transient { detail },
-        },
+        }
     }
 }
 

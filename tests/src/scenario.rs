@@ -1,0 +1,52 @@
+//! Small helpers shared by the end-to-end tests: connecting, importing, and
+//! running `broker-ctl`.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use kontext_broker_client::{BrokerClient, ImportRequest, ProfileStatus, Secret};
+use serde_json::Value;
+
+/// Path of the `broker-ctl` binary next to `kontext-broker`.
+pub fn broker_ctl_binary() -> PathBuf {
+    crate::broker_process::broker_binary().with_file_name("broker-ctl")
+}
+
+/// Connects a client to the broker at `socket`.
+pub async fn connect(socket: &Path) -> BrokerClient {
+    BrokerClient::connect_to(socket)
+        .await
+        .expect("connecting to the broker")
+}
+
+/// Imports `response` (an RFC 6749 token response) as `profile`.
+pub async fn import(
+    client: &BrokerClient,
+    profile: &str,
+    issuer: &str,
+    client_id: &str,
+    response: &Value,
+) -> ProfileStatus {
+    client
+        .import(ImportRequest {
+            profile: profile.into(),
+            issuer: issuer.into(),
+            client_id: client_id.into(),
+            client_secret: None,
+            scopes: vec!["openid".into(), "offline_access".into()],
+            token_response: Secret::new(response.to_string()),
+        })
+        .await
+        .expect("import")
+}
+
+/// Runs `broker-ctl --socket SOCKET ARGS...` and returns its output.
+pub async fn broker_ctl(socket: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(broker_ctl_binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .await
+        .expect("running broker-ctl")
+}
