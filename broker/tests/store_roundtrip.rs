@@ -427,3 +427,27 @@ fn corrupt_record_errors_never_quote_file_contents() {
     assert!(!shown.contains("TOPSECRET"), "{shown}");
     assert!(shown.contains("line 1"), "{shown}");
 }
+
+#[test]
+fn a_lost_identity_is_not_silently_replaced() {
+    let (_tmp, dir) = state_dir();
+    let store = Store::open(&dir, file_opts()).unwrap();
+    store.save(&record("a", 1)).unwrap();
+    drop(store);
+    fs::remove_file(dir.join("identity.txt")).unwrap();
+    let err = Store::open(&dir, file_opts()).unwrap_err();
+    assert!(err.to_string().contains("identity.txt is missing"), "{err}");
+    assert!(!dir.join("identity.txt").exists());
+    assert!(dir.join("profiles/a.age").exists());
+
+    // Same for a passphrase store whose identity.age is gone.
+    let (_tmp2, dir) = state_dir();
+    let store = Store::open(&dir, pass_opts()).unwrap();
+    store.unlock(&Secret::from("pw")).unwrap();
+    store.save(&record("a", 1)).unwrap();
+    fs::remove_file(dir.join("identity.age")).unwrap();
+    let store = Store::open(&dir, pass_opts()).unwrap();
+    let err = store.unlock(&Secret::from("new")).unwrap_err();
+    assert!(err.to_string().contains("identity.age is missing"), "{err}");
+    assert!(!dir.join("identity.age").exists());
+}
