@@ -77,8 +77,14 @@ fn file_identity_round_trip_across_reopen() {
 
     let store = Store::open(&state, file_opts()).unwrap();
     assert_eq!(store.profile_names().unwrap(), vec!["default", "work.prod"]);
-    assert_eq!(store.load("default").unwrap(), a);
+    let loaded = store.load("default").unwrap();
+    assert_eq!(loaded, a);
     assert_eq!(store.load("work.prod").unwrap(), b);
+    // Debug output of a loaded record and of the store shows no secret.
+    let shown = format!("{loaded:?} {store:?}");
+    for secret in ["rt-3", "at-3", "client-secret", "AGE-SECRET-KEY"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
     // Modes: state and profiles dirs 0700, identity and profile files 0600.
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("profiles")), 0o700);
