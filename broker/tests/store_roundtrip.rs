@@ -77,8 +77,14 @@ fn file_identity_round_trip_across_reopen() {
 
     let store = Store::open(&state, file_opts()).unwrap();
     assert_eq!(store.profile_names().unwrap(), vec!["default", "work.prod"]);
-    assert_eq!(store.load("default").unwrap(), a);
+    let loaded = store.load("default").unwrap();
+    assert_eq!(loaded, a);
     assert_eq!(store.load("work.prod").unwrap(), b);
+    // Debug output of a loaded record and of the store shows no secret.
+    let shown = format!("{loaded:?} {store:?}");
+    for secret in ["rt-3", "at-3", "client-secret", "AGE-SECRET-KEY"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
     // Modes: state and profiles dirs 0700, identity and profile files 0600.
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("profiles")), 0o700);
@@ -426,4 +432,28 @@ fn corrupt_record_errors_never_quote_file_contents() {
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains("TOPSECRET"), "{shown}");
     assert!(shown.contains("line 1"), "{shown}");
+}
+
+#[test]
+fn a_lost_identity_is_not_silently_replaced() {
+    let (_tmp, dir) = state_dir();
+    let store = Store::open(&dir, file_opts()).unwrap();
+    store.save(&record("a", 1)).unwrap();
+    drop(store);
+    fs::remove_file(dir.join("identity.txt")).unwrap();
+    let err = Store::open(&dir, file_opts()).unwrap_err();
+    assert!(err.to_string().contains("identity.txt is missing"), "{err}");
+    assert!(!dir.join("identity.txt").exists());
+    assert!(dir.join("profiles/a.age").exists());
+
+    // Same for a passphrase store whose identity.age is gone.
+    let (_tmp2, dir) = state_dir();
+    let store = Store::open(&dir, pass_opts()).unwrap();
+    store.unlock(&Secret::from("pw")).unwrap();
+    store.save(&record("a", 1)).unwrap();
+    fs::remove_file(dir.join("identity.age")).unwrap();
+    let store = Store::open(&dir, pass_opts()).unwrap();
+    let err = store.unlock(&Secret::from("new")).unwrap_err();
+    assert!(err.to_string().contains("identity.age is missing"), "{err}");
+    assert!(!dir.join("identity.age").exists());
 }

@@ -163,7 +163,7 @@ impl IdentitySource {
             } => unlock_passphrase(encrypted, recipient, *work_factor, passphrase),
             #[cfg(feature = "keyring")]
             IdentitySource::Keyring { account, recipient } => {
-                let identity = keyring_identity(account)?;
+                let identity = keyring_identity(account, recipient.parent().expect("state dir"))?;
                 let public = identity.to_public().to_string();
                 if read_recipient_text(recipient)?.as_deref() != Some(public.as_str()) {
                     fsutil::write_atomic(
@@ -229,8 +229,39 @@ fn parse_identity(path: &Path, text: &[u8]) -> Result<x25519::Identity> {
     x25519::Identity::from_str(key).map_err(|_| bad())
 }
 
+/// Refuses to generate a new identity while profile files exist: they are
+/// encrypted to the old one, and a new key would make every one of them
+/// unreadable (and moved aside as corrupt on load).
+fn guard_new_identity(state_dir: &Path, missing: &str) -> Result<()> {
+    let profiles = state_dir.join(super::PROFILES_DIR);
+    let count = match std::fs::read_dir(&profiles) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| !n.starts_with('.') && n.ends_with(".age"))
+            })
+            .count(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(Error::io(format!("listing {}", profiles.display()), e)),
+    };
+    if count > 0 {
+        return Err(Error::Crypto(format!(
+            "{missing} is missing but {count} profile file(s) in {} were encrypted to it; \
+             restore it, or move the profiles away to start over",
+            profiles.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Creates the identity file; `None` if one appeared meanwhile.
 fn create_identity_file(path: &Path) -> Result<Option<x25519::Identity>> {
+    guard_new_identity(
+        path.parent().expect("state dir"),
+        &path.display().to_string(),
+    )?;
     let identity = x25519::Identity::generate();
     let dir = path.parent().expect("identity path has a parent");
     let name = path.file_name().expect("identity file name");
@@ -293,6 +324,7 @@ fn unlock_passphrase(
                     "the first unlock sets the passphrase, and it must not be empty".into(),
                 ));
             }
+            guard_new_identity(dir, &encrypted.display().to_string())?;
             let identity = x25519::Identity::generate();
             let mut scrypt_recipient = age::scrypt::Recipient::new(pass);
             if let Some(wf) = work_factor {
@@ -324,7 +356,7 @@ fn unlock_passphrase(
 
 /// Reads (or creates) the identity in the OS keyring.
 #[cfg(feature = "keyring")]
-fn keyring_identity(account: &str) -> Result<x25519::Identity> {
+fn keyring_identity(account: &str, state_dir: &Path) -> Result<x25519::Identity> {
     use keyring::{Entry, Error as KErr};
     let unavailable = |e: &KErr| {
         Error::Keyring(format!(
@@ -347,6 +379,10 @@ fn keyring_identity(account: &str) -> Result<x25519::Identity> {
             })
         }
         Err(KErr::NoEntry) => {
+            guard_new_identity(
+                state_dir,
+                &format!("the keyring entry {KEYRING_SERVICE}/{account}"),
+            )?;
             let identity = x25519::Identity::generate();
             entry
                 .set_password(identity.to_string().expose_secret())
