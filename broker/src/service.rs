@@ -114,6 +114,12 @@ impl Service {
                 scrypt_work_factor: config.scrypt_work_factor,
             },
         )?);
+        // The daemon holds the instance lock by now, so no other broker is mid-write.
+        match store.remove_stale_temp_files() {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "removed temp files left by an earlier crash"),
+            Err(e) => warn!(error = %e, "could not remove stale temp files"),
+        }
         let idp = Idp::new(&config)?;
         let endpoint: Arc<dyn TokenEndpoint> = Arc::new(idp.clone());
         Self::with_parts(config, info, store, idp, endpoint, Arc::new(SystemClock)).await
