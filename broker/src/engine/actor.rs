@@ -49,6 +49,7 @@ pub fn spawn(
         rejected: false,
         phase,
         jitter_draw: rand::random(),
+        issued_ms: 0,
         backoff,
         counters: Counters::default(),
         deps: deps.clone(),
@@ -111,6 +112,8 @@ enum JobResult {
     Refreshed {
         record: ProfileRecord,
         saved: Result<(), String>,
+        /// Precise wall time (ms) the refresh request started.
+        started_ms: u64,
     },
     Saved {
         saved: Result<(), String>,
@@ -149,6 +152,8 @@ struct Actor {
     phase: Phase,
     /// Drawn once per token so its deadline does not move between checks.
     jitter_draw: f64,
+    /// Precise time the current token was requested; its `issued_at` is floored.
+    issued_ms: u64,
     backoff: Backoff,
     counters: Counters,
     deps: EngineDeps,
@@ -353,7 +358,13 @@ impl Actor {
     fn refresh_due_ms(&self) -> Option<u64> {
         let cfg = &self.deps.config;
         self.record.token().map(|t| {
-            policy::refresh_due_ms(&t, cfg.refresh_at, cfg.refresh_jitter, self.jitter_draw)
+            policy::refresh_due_ms(
+                &t,
+                self.issued_ms,
+                cfg.refresh_at,
+                cfg.refresh_jitter,
+                self.jitter_draw,
+            )
         })
     }
 
@@ -420,8 +431,13 @@ impl Actor {
         let waiters = self.take_waiters();
         let now = self.now();
         let answer: Result<Token, BrokerError> = match result {
-            JobResult::Refreshed { record, saved } => {
+            JobResult::Refreshed {
+                record,
+                saved,
+                started_ms,
+            } => {
                 self.record = record;
+                self.issued_ms = started_ms;
                 self.rejected = false;
                 self.jitter_draw = rand::random();
                 self.counters.refresh_count += 1;
@@ -514,6 +530,7 @@ impl Actor {
             Phase::ReauthRequired
         };
         self.record = record;
+        self.issued_ms = 0;
         self.durable = true;
         self.rejected = false;
         self.jitter_draw = rand::random();
@@ -621,19 +638,23 @@ async fn run_job(job: Job, deps: EngineDeps) -> JobResult {
             // The IdP computes expiry from its clock when it handles the request,
             // in whole seconds. Stamping our copy with the (floored) time the
             // request started keeps our expiry at or before the IdP's.
-            let started_secs = deps.clock.now_secs();
-            refresh_job(record, deps, started_secs).await
+            let started_ms = deps.clock.now_ms();
+            refresh_job(record, deps, started_ms).await
         }
     }
 }
 
-async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_secs: u64) -> JobResult {
+async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_ms: u64) -> JobResult {
     {
         match deps.endpoint.refresh(record.clone()).await {
             Ok(refreshed) => {
-                let record = apply(record, refreshed, started_secs);
+                let record = apply(record, refreshed, started_ms / 1000);
                 let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
-                JobResult::Refreshed { record, saved }
+                JobResult::Refreshed {
+                    record,
+                    saved,
+                    started_ms,
+                }
             }
             Err(RefreshError::Rejected(detail)) => {
                 // The dead refresh token (and its access token) leave memory and

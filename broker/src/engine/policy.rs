@@ -41,13 +41,25 @@ pub fn unexpired(token: &Token, now_ms: u64) -> bool {
     token.expires_at * MS > now_ms
 }
 
-/// Proactive refresh deadline: `issued_at + refresh_at × lifetime`, moved earlier by
-/// `jitter_draw × jitter × lifetime` (`jitter_draw` in [0, 1)), so many brokers
-/// never hit the IdP in lockstep and a deadline never moves past `refresh_at`.
-pub fn refresh_due_ms(token: &Token, refresh_at: f64, jitter: f64, jitter_draw: f64) -> u64 {
+/// Proactive refresh deadline: `issued + refresh_at × lifetime`, moved earlier by
+/// `jitter_draw × jitter × lifetime` (`jitter_draw` in [0, 1)) so many brokers
+/// never hit the IdP in lockstep, and never later than `expires_at - margin`.
+///
+/// `issued_ms` is the precise time the token was requested, when known. The
+/// token's own `issued_at` is that time floored to the second (so its expiry is
+/// never later than the IdP's); using it here would waste up to a second of
+/// every lifetime, a fifth of a 5 s test token.
+pub fn refresh_due_ms(
+    token: &Token,
+    issued_ms: u64,
+    refresh_at: f64,
+    jitter: f64,
+    jitter_draw: f64,
+) -> u64 {
     let lifetime = lifetime_ms(token) as f64;
     let offset = lifetime * (refresh_at - jitter * jitter_draw.clamp(0.0, 1.0));
-    token.issued_at * MS + offset.max(0.0) as u64
+    let latest = (token.expires_at * MS).saturating_sub(margin_ms(token));
+    (issued_ms.max(token.issued_at * MS) + offset.max(0.0) as u64).min(latest)
 }
 
 /// Retry delays after transient failures: exponential from `initial`, doubling,
@@ -149,9 +161,19 @@ mod tests {
     #[test]
     fn refresh_deadline_is_at_eighty_percent_minus_jitter() {
         let t = token(0, 100);
-        assert_eq!(refresh_due_ms(&t, 0.8, 0.05, 0.0), 80_000);
-        assert_eq!(refresh_due_ms(&t, 0.8, 0.05, 0.5), 77_500);
-        assert!(refresh_due_ms(&t, 0.8, 0.05, 0.999) > 75_000);
+        assert_eq!(refresh_due_ms(&t, 0, 0.8, 0.05, 0.0), 80_000);
+        assert_eq!(refresh_due_ms(&t, 0, 0.8, 0.05, 0.5), 77_500);
+        assert!(refresh_due_ms(&t, 0, 0.8, 0.05, 0.999) > 75_000);
+    }
+
+    #[test]
+    fn refresh_deadline_uses_the_precise_issue_time_but_never_passes_the_margin() {
+        // Requested at 100.9 s; the stored token says issued 100, expires 105.
+        let t = token(100, 105);
+        assert_eq!(refresh_due_ms(&t, 100_900, 0.8, 0.0, 0.0), 104_500);
+        assert_eq!(refresh_due_ms(&t, 100_300, 0.8, 0.0, 0.0), 104_300);
+        // Unknown precise time (after a restart): the floored one.
+        assert_eq!(refresh_due_ms(&t, 0, 0.8, 0.0, 0.0), 104_000);
     }
 
     #[test]
