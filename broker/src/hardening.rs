@@ -78,10 +78,24 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
             .map_err(|e| Error::io(format!("creating directory {}", dir.display()), e))?,
         Err(e) => return Err(Error::io(format!("inspecting {}", dir.display()), e)),
     }
+    let euid = kontext_broker_protocol::paths::euid();
+    // A symlink someone else owns could be re-pointed at their directory later
+    // (the classic /tmp attack), whatever it points to now.
+    let link = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
+    if link.file_type().is_symlink() && link.uid() != euid {
+        return Err(Error::UnsafePermissions {
+            path: dir.to_path_buf(),
+            problem: format!(
+                "it is a symlink owned by uid {}, not by uid {euid}",
+                link.uid()
+            ),
+            fix: format!("rm {}", dir.display()),
+        });
+    }
     let meta = std::fs::metadata(dir)
         .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
     let mode = meta.permissions().mode() & 0o7777;
-    let euid = kontext_broker_protocol::paths::euid();
     if !meta.is_dir() {
         return Err(Error::UnsafePermissions {
             path: dir.to_path_buf(),
@@ -143,5 +157,24 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let err = ensure_private_dir(&file).unwrap_err().to_string();
         assert!(err.contains("not a directory"), "{err}");
+
+        // Our own symlink to a private directory is fine.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        ensure_private_dir(&link).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            // Someone else's symlink is not, even to our own directory.
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                Some(nix::unistd::Uid::from_raw(65534)),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            let err = ensure_private_dir(&link).unwrap_err().to_string();
+            assert!(err.contains("symlink owned by uid 65534"), "{err}");
+        }
     }
 }

@@ -232,7 +232,14 @@ impl BrokerProcess {
     pub fn restart(&mut self) {
         if self.try_exit().is_none() {
             self.sigterm();
-            self.wait_exit(Duration::from_secs(30));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.try_exit().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if self.try_exit().is_none() {
+                self.sigkill();
+                self.wait_exit(Duration::from_secs(30));
+            }
         }
         let (child, stderr, thread) =
             launch(&self.opts, &self.socket, &self.state_dir, &self.config);

@@ -1,6 +1,6 @@
-//! The socket server, in the mini-redis shape: a [`listener`] accepts connections
+//! The socket server, in the mini-redis shape: a `Listener` accepts connections
 //! (bounded by a semaphore, peer uid checked first) and a per-connection
-//! [`handler`] speaks the protocol, running each request in its own task.
+//! `Handler` speaks the protocol, running each request in its own task.
 //!
 //! The server knows nothing about tokens: it hands requests to [`Service`].
 //! Shutdown is the service's cancellation token (a `Shutdown` request or a signal).
