@@ -370,3 +370,32 @@ async fn sigkill_during_refreshes_never_tears_the_store() {
     );
     assert!(continued > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_never_blocks_another_on_the_same_connection() {
+    let idp = fake().await;
+    let broker = broker();
+    let client = connect(broker.socket()).await;
+    import(
+        &client,
+        PROFILE,
+        &idp.issuer(),
+        idp.client_id(),
+        &expired(idp.mint()),
+    )
+    .await;
+    let hold = idp.hold_token_calls();
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_token(PROFILE, Duration::ZERO).await }
+    });
+    idp.wait_for_token_calls(1).await;
+    // The GetToken waits on the held refresh; the same connection still answers.
+    for _ in 0..10 {
+        client.ping().await.unwrap();
+        client.status().await.unwrap();
+    }
+    assert!(!slow.is_finished(), "the refresh is still held");
+    drop(hold);
+    assert_eq!(slow.await.unwrap().unwrap().generation, 2);
+}
