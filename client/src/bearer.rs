@@ -150,11 +150,12 @@ where
 }
 
 fn authorization(token: &Token) -> Result<HeaderValue, BoxError> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose()))
-        .map_err(|_| -> BoxError {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose())).map_err(
+        |_| -> BoxError {
             // Never echo the token: just say it cannot be a header value.
             "access token contains characters not allowed in an HTTP header".into()
-        })?;
+        },
+    )?;
     // Keeps the value out of HPACK tables and `Debug` output of the headers.
     v.set_sensitive(true);
     Ok(v)
@@ -172,7 +173,8 @@ fn build(
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
     *req.extensions_mut() = parts.extensions.clone();
-    req.headers_mut().insert(AUTHORIZATION, authorization(token)?);
+    req.headers_mut()
+        .insert(AUTHORIZATION, authorization(token)?);
     Ok(req)
 }
 
@@ -253,12 +255,18 @@ where
             } else {
                 (boxed(body), None)
             };
-            let resp = inner.call(build(&parts, &token, first)?).await.map_err(Into::into)?;
+            let resp = inner
+                .call(build(&parts, &token, first)?)
+                .await
+                .map_err(Into::into)?;
             let (reject, resp) = rejected(resp).await?;
             if !reject {
                 return Ok(resp);
             }
-            tracing::debug!(generation = token.generation, "token rejected by server; invalidating");
+            tracing::debug!(
+                generation = token.generation,
+                "token rejected by server; invalidating"
+            );
             let fresh = source.invalidate(&token).await?;
             let Some(bytes) = replay else {
                 // The body is gone; the caller's next request gets the fresh token.
@@ -268,7 +276,10 @@ where
             futures::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            let resp = inner.call(build(&parts, &fresh, full(bytes))?).await.map_err(Into::into)?;
+            let resp = inner
+                .call(build(&parts, &fresh, full(bytes))?)
+                .await
+                .map_err(Into::into)?;
             Ok(resp.map(boxed))
         })
     }

@@ -180,14 +180,16 @@ impl ClientBuilder {
     async fn open(&self, path: &Path) -> Result<BrokerClient> {
         let me = paths::euid();
         check_socket_owner(path, me)?;
-        let stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                Error::BrokerNotRunning {
-                    path: path.to_owned(),
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    Error::BrokerNotRunning {
+                        path: path.to_owned(),
+                    }
                 }
-            }
-            _ => Error::Io(e),
-        })?;
+                _ => Error::Io(e),
+            })?;
         let peer = stream.peer_cred()?;
         if peer.uid() != me {
             return Err(Error::PeerRejected {

@@ -143,7 +143,9 @@ mod tests {
             detail: "timeout".into(),
         }
         .into();
-        assert!(matches!(e, Error::Unavailable { retry_after, .. } if retry_after == Duration::from_secs(7)));
+        assert!(
+            matches!(e, Error::Unavailable { retry_after, .. } if retry_after == Duration::from_secs(7))
+        );
         let e: Error = BrokerError::Locked.into();
         assert!(matches!(e, Error::Locked));
         let e: Error = BrokerError::ReauthRequired {

@@ -392,10 +392,7 @@ mod tests {
         // 10 s token: margin 1 s.
         assert_eq!(fresh_until_ms(&tok(100, 110), DEFAULT_MAX_MARGIN), 109_000);
         // 1 h token: margin capped at 30 s.
-        assert_eq!(
-            fresh_until_ms(&tok(0, 3600), DEFAULT_MAX_MARGIN),
-            3_570_000
-        );
+        assert_eq!(fresh_until_ms(&tok(0, 3600), DEFAULT_MAX_MARGIN), 3_570_000);
         // Nonsense (expires before issued): never fresh beyond expiry.
         assert_eq!(fresh_until_ms(&tok(200, 100), DEFAULT_MAX_MARGIN), 100_000);
     }

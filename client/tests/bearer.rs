@@ -110,7 +110,9 @@ fn connect_permission_denied() -> Response<Full<Bytes>> {
     Response::builder()
         .status(403)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(br#"{"code":"permission_denied"}"#)))
+        .body(Full::new(Bytes::from_static(
+            br#"{"code":"permission_denied"}"#,
+        )))
         .unwrap()
 }
 
@@ -128,7 +130,10 @@ async fn send(
     script: Vec<fn() -> Response<Full<Bytes>>>,
     req: Request<Full<Bytes>>,
     max_replay: Option<usize>,
-) -> (std::result::Result<Response<BearerBody>, BoxError>, Vec<(String, Bytes)>) {
+) -> (
+    std::result::Result<Response<BearerBody>, BoxError>,
+    Vec<(String, Bytes)>,
+) {
     let seen = Seen::default();
     let mut layer = BearerLayer::from_arc(source);
     if let Some(m) = max_replay {
@@ -145,7 +150,10 @@ async fn sets_bearer_and_does_not_retry_success() {
     let src = Arc::new(MockSource::default());
     let (r, seen) = send(src.clone(), vec![ok], post(BODY), None).await;
     assert_eq!(r.unwrap().status(), StatusCode::OK);
-    assert_eq!(seen, vec![("Bearer tok-0".to_owned(), Bytes::from_static(BODY))]);
+    assert_eq!(
+        seen,
+        vec![("Bearer tok-0".to_owned(), Bytes::from_static(BODY))]
+    );
     assert!(src.invalidated.lock().unwrap().is_empty());
 }
 
@@ -195,7 +203,13 @@ async fn second_401_is_returned_as_is() {
 #[tokio::test]
 async fn other_connect_errors_pass_through_with_their_body() {
     let src = Arc::new(MockSource::default());
-    let (r, seen) = send(src.clone(), vec![connect_permission_denied], post(BODY), None).await;
+    let (r, seen) = send(
+        src.clone(),
+        vec![connect_permission_denied],
+        post(BODY),
+        None,
+    )
+    .await;
     let resp = r.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(
@@ -211,7 +225,10 @@ async fn body_over_the_cap_is_sent_but_not_retried() {
     let src = Arc::new(MockSource::default());
     let (r, seen) = send(src.clone(), vec![unauthorized, ok], post(BODY), Some(4)).await;
     assert_eq!(r.unwrap().status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(seen, vec![("Bearer tok-0".to_owned(), Bytes::from_static(BODY))]);
+    assert_eq!(
+        seen,
+        vec![("Bearer tok-0".to_owned(), Bytes::from_static(BODY))]
+    );
     // Still invalidated, so the next request carries a fresh token.
     assert_eq!(*src.invalidated.lock().unwrap(), vec![0]);
 }
