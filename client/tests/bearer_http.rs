@@ -29,26 +29,34 @@ async fn backend(accepted: u64, seen: Arc<Mutex<Vec<(String, Bytes)>>>) -> Strin
             let (s, _) = listener.accept().await.unwrap();
             let seen = seen.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let auth = req
-                            .headers()
-                            .get("authorization")
-                            .map(|v| v.to_str().unwrap().to_owned())
-                            .unwrap_or_default();
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        seen.lock().unwrap().push((auth.clone(), body));
-                        let status = if auth == format!("Bearer at-{accepted}") { 200 } else { 401 };
-                        Ok::<_, Infallible>(
-                            hyper::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from_static(b"ok")))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let auth = req
+                                .headers()
+                                .get("authorization")
+                                .map(|v| v.to_str().unwrap().to_owned())
+                                .unwrap_or_default();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            seen.lock().unwrap().push((auth.clone(), body));
+                            let status = if auth == format!("Bearer at-{accepted}") {
+                                200
+                            } else {
+                                401
+                            };
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(b"ok")))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             });
         }
     });
@@ -72,10 +80,13 @@ async fn rejected_token_is_invalidated_and_the_post_replayed_over_http() {
     }]);
     let source = BrokerTokenSource::builder().socket(&mock.path).build();
     let mut updates = source.updates();
-    tokio::time::timeout(NET, updates.wait_for(|_| source.cached_generation() == Some(1)))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        NET,
+        updates.wait_for(|_| source.cached_generation() == Some(1)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     let seen = Arc::default();
     let url = backend(2, Arc::clone(&seen)).await;
@@ -86,7 +97,10 @@ async fn rejected_token_is_invalidated_and_the_post_replayed_over_http() {
     let req = http::Request::post(&url)
         .body(Full::new(body.clone()))
         .unwrap();
-    let resp = tokio::time::timeout(NET, svc.clone().oneshot(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(NET, svc.clone().oneshot(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
     {
         let seen = seen.lock().unwrap();
@@ -98,7 +112,9 @@ async fn rejected_token_is_invalidated_and_the_post_replayed_over_http() {
     }
 
     // The next heartbeat uses generation 2 straight from the cache.
-    let req = http::Request::post(&url).body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+    let req = http::Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
     let resp = svc.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(seen.lock().unwrap().len(), 3);
