@@ -130,6 +130,7 @@ pub enum Command {
     },
     /// Print an access token (only the token and a newline).
     Token {
+        /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
         /// Minimum remaining validity in seconds (the broker caps it, SPEC §5).
@@ -138,18 +139,22 @@ pub enum Command {
     },
     /// Refresh now and print the new expiry (RFC 3339).
     Refresh {
+        /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
     },
     /// Report the token of GENERATION as rejected; the broker refreshes if it is current.
     Invalidate {
+        /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
+        /// Generation of the rejected token (see `watch` or `status`).
         #[arg(long, value_name = "N")]
         generation: u64,
     },
     /// Stream token and state events, one line each.
     Watch {
+        /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
         /// One JSON object per line.
@@ -158,10 +163,13 @@ pub enum Command {
     },
     /// Add a profile from a token endpoint response (RFC 6749 §5.1 JSON) on stdin.
     Import {
+        /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
+        /// Issuer URL (discovery runs against it).
         #[arg(long, value_name = "URL")]
         issuer: String,
+        /// OAuth client id the tokens were issued to.
         #[arg(long, value_name = "ID")]
         client_id: String,
         /// File holding the client secret (never pass secrets as arguments).
@@ -173,6 +181,7 @@ pub enum Command {
     },
     /// Revoke the refresh token (if the IdP supports it) and delete the profile.
     Logout {
+        /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
         /// Delete without revoking at the IdP.
@@ -454,9 +463,10 @@ fn read_passphrase_fd(fd: i32) -> Result<Secret, Failure> {
     }
     // SAFETY: the caller handed this descriptor to us for the passphrase; the
     // ManuallyDrop keeps it open, so fds 0-2 or shared ones are not closed.
-    let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    // Read one line, not to EOF: the writer may keep its end of a pipe open.
     let mut buf = String::new();
-    let read = file.read_to_string(&mut buf);
+    let read = std::io::BufRead::read_line(&mut std::io::BufReader::new(&*file), &mut buf);
     let raw = Secret::new(buf);
     read.map_err(|e| {
         Failure::other(format!(
