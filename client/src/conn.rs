@@ -188,7 +188,10 @@ impl ClientBuilder {
                         path: path.to_owned(),
                     }
                 }
-                _ => Error::Io(e),
+                _ => Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot connect to {}: {e}", path.display()),
+                )),
             })?;
         let peer = stream.peer_cred()?;
         if peer.uid() != me {
@@ -242,7 +245,10 @@ fn check_socket_owner(path: &Path, me: u32) -> Result<()> {
         std::io::ErrorKind::NotFound => Error::BrokerNotRunning {
             path: path.to_owned(),
         },
-        _ => Error::Io(e),
+        _ => Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot inspect socket {}: {e}", path.display()),
+        )),
     };
     let link = std::fs::symlink_metadata(path).map_err(not_running)?;
     let target = std::fs::metadata(path).map_err(not_running)?;

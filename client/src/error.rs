@@ -83,14 +83,15 @@ pub enum Error {
     /// Framing or decoding failed.
     #[error("protocol error: {0}")]
     Protocol(#[from] kontext_broker_protocol::Error),
-    /// A local I/O operation failed.
-    #[error("I/O error talking to the broker: {0}")]
+    /// A local I/O operation failed while reaching the broker (e.g. EACCES on
+    /// the socket); the message names the path.
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 impl Error {
     /// True for failures of the connection itself (not running, lost, timed out,
-    /// refused peer): the cases where the caller cannot reach a trustworthy broker.
+    /// refused peer, socket I/O): the caller cannot reach a trustworthy broker.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
@@ -98,6 +99,7 @@ impl Error {
                 | Error::PeerRejected { .. }
                 | Error::Timeout
                 | Error::Disconnected
+                | Error::Io(_)
         )
     }
 

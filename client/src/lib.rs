@@ -9,6 +9,8 @@
 //!
 //! No token is ever logged or put into an error by this crate.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "tower")]
 pub mod bearer;
 #[cfg(feature = "blocking")]

@@ -39,6 +39,8 @@ impl<T: TokenSource> TokenSource for Arc<T> {
 const BACKOFF_START: Duration = Duration::from_millis(50);
 /// Longest delay between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A watch that lasted this long counts as healthy; its end resets the backoff.
+const HEALTHY_WATCH: Duration = Duration::from_secs(10);
 /// Default upper bound of the validity a cached token must still have to be served.
 const DEFAULT_MAX_MARGIN: Duration = Duration::from_secs(30);
 
@@ -179,7 +181,7 @@ async fn watch_loop(state: Arc<State>) {
         };
         match attempt.await {
             Ok(mut stream) => {
-                backoff = BACKOFF_START;
+                let since = std::time::Instant::now();
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(event) => state.apply(event),
@@ -189,8 +191,14 @@ async fn watch_loop(state: Arc<State>) {
                         }
                     }
                 }
-                // Reconnect at once after a drop; back off if that fails too.
-                continue;
+                // A subscription that lived a while ended: the broker probably
+                // restarted, so reconnect at once. One that ends right after it
+                // started (a broker accepting then closing) backs off instead,
+                // so we never spin.
+                if since.elapsed() >= HEALTHY_WATCH {
+                    backoff = BACKOFF_START;
+                    continue;
+                }
             }
             Err(Error::ReauthRequired { message, .. }) => state.set_reauth(message),
             Err(e) => tracing::debug!(profile = %state.profile, error = %e, "watch failed"),

@@ -27,7 +27,8 @@ pub mod exit {
     pub const OTHER: u8 = 1;
     /// Bad command line (clap's own exit code).
     pub const USAGE: u8 = 2;
-    /// Broker not running, unreachable, timed out, or refused as a foreign peer.
+    /// Broker not running, unreachable (socket I/O error), timed out, or refused
+    /// as a foreign peer.
     pub const UNREACHABLE: u8 = 3;
     /// The profile needs a new login.
     pub const REAUTH_REQUIRED: u8 = 4;
@@ -45,7 +46,8 @@ pub fn exit_code(e: &ClientError) -> u8 {
         ClientError::BrokerNotRunning { .. }
         | ClientError::PeerRejected { .. }
         | ClientError::Timeout
-        | ClientError::Disconnected => exit::UNREACHABLE,
+        | ClientError::Disconnected
+        | ClientError::Io(_) => exit::UNREACHABLE,
         ClientError::ReauthRequired { .. } => exit::REAUTH_REQUIRED,
         ClientError::Unavailable { .. } => exit::IDP_UNAVAILABLE,
         ClientError::UnknownProfile { .. } => exit::UNKNOWN_PROFILE,
@@ -53,8 +55,7 @@ pub fn exit_code(e: &ClientError) -> u8 {
         ClientError::VersionMismatch { .. }
         | ClientError::BadRequest { .. }
         | ClientError::Internal { .. }
-        | ClientError::Protocol(_)
-        | ClientError::Io(_) => exit::OTHER,
+        | ClientError::Protocol(_) => exit::OTHER,
     }
 }
 
@@ -129,7 +130,8 @@ pub enum Command {
     },
     /// Print an access token (only the token and a newline).
     Token {
-        #[arg(long, default_value = DEFAULT_PROFILE)]
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
         /// Minimum remaining validity in seconds (the broker caps it, SPEC §5).
         #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -137,19 +139,23 @@ pub enum Command {
     },
     /// Refresh now and print the new expiry (RFC 3339).
     Refresh {
-        #[arg(long, default_value = DEFAULT_PROFILE)]
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
     },
     /// Report the token of GENERATION as rejected; the broker refreshes if it is current.
     Invalidate {
-        #[arg(long, default_value = DEFAULT_PROFILE)]
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
+        /// Generation of the rejected token (see `watch` or `status`).
         #[arg(long, value_name = "N")]
         generation: u64,
     },
     /// Stream token and state events, one line each.
     Watch {
-        #[arg(long, default_value = DEFAULT_PROFILE)]
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
         /// One JSON object per line.
         #[arg(long)]
@@ -157,10 +163,13 @@ pub enum Command {
     },
     /// Add a profile from a token endpoint response (RFC 6749 §5.1 JSON) on stdin.
     Import {
-        #[arg(long, default_value = DEFAULT_PROFILE)]
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
+        /// Issuer URL (discovery runs against it).
         #[arg(long, value_name = "URL")]
         issuer: String,
+        /// OAuth client id the tokens were issued to.
         #[arg(long, value_name = "ID")]
         client_id: String,
         /// File holding the client secret (never pass secrets as arguments).
@@ -172,7 +181,8 @@ pub enum Command {
     },
     /// Revoke the refresh token (if the IdP supports it) and delete the profile.
     Logout {
-        #[arg(long, default_value = DEFAULT_PROFILE)]
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
         /// Delete without revoking at the IdP.
         #[arg(long)]
@@ -186,6 +196,18 @@ pub enum Command {
     },
     /// Drop all decrypted secrets from the broker's memory.
     Lock,
+}
+
+/// Checks a `--profile` value locally, so a typo is a usage error (exit 2).
+fn profile_name(s: &str) -> Result<String, String> {
+    if paths::is_valid_profile_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "profile names are 1-64 characters of A-Z a-z 0-9 . _ - and do not start with `.`"
+                .to_owned(),
+        )
+    }
 }
 
 /// Entry point of the `broker-ctl` binary.
@@ -441,9 +463,10 @@ fn read_passphrase_fd(fd: i32) -> Result<Secret, Failure> {
     }
     // SAFETY: the caller handed this descriptor to us for the passphrase; the
     // ManuallyDrop keeps it open, so fds 0-2 or shared ones are not closed.
-    let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    // Read one line, not to EOF: the writer may keep its end of a pipe open.
     let mut buf = String::new();
-    let read = file.read_to_string(&mut buf);
+    let read = std::io::BufRead::read_line(&mut std::io::BufReader::new(&*file), &mut buf);
     let raw = Secret::new(buf);
     read.map_err(|e| {
         Failure::other(format!(

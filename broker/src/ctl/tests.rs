@@ -164,7 +164,11 @@ fn exit_codes_follow_the_spec() {
             },
             1,
         ),
-        (ClientError::Io(std::io::Error::other("x")), 1),
+        (ClientError::Io(std::io::Error::other("x")), 3),
+        (
+            ClientError::Protocol(kontext_broker_protocol::Error::Decode("x".into())),
+            1,
+        ),
     ];
     for (e, code) in cases {
         assert_eq!(exit_code(&e), code, "{e:?}");
@@ -180,6 +184,8 @@ fn usage_errors_exit_2_and_cli_is_consistent() {
     assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
     assert_eq!(e.exit_code(), exit::USAGE as i32);
     let e = Cli::try_parse_from(["broker-ctl", "frobnicate"]).unwrap_err();
+    assert_eq!(e.exit_code(), exit::USAGE as i32);
+    let e = Cli::try_parse_from(["broker-ctl", "token", "--profile", "../etc"]).unwrap_err();
     assert_eq!(e.exit_code(), exit::USAGE as i32);
     let cli = Cli::try_parse_from(["broker-ctl", "token"]).unwrap();
     assert!(
