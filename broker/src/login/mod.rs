@@ -36,7 +36,7 @@ use openidconnect::{
 use crate::idp::{discover, Http};
 use crate::store::Endpoints;
 
-pub use register::{register_client, RegisteredClient};
+pub use register::{register_client, RegisteredClient, DEVICE_CODE_GRANT, REGISTERED_REDIRECT_URI};
 pub use verify::{fetch_jwks, verify_id_token, IdTokenCheck};
 
 /// Scope that asks for a refresh token; always requested.
