@@ -74,7 +74,9 @@ fn listener_port(auth_url: &Url) -> u16 {
     redirect.port().expect("explicit port")
 }
 
-async fn finish(task: JoinHandle<Result<LoginOutcome, LoginError>>) -> Result<LoginOutcome, LoginError> {
+async fn finish(
+    task: JoinHandle<Result<LoginOutcome, LoginError>>,
+) -> Result<LoginOutcome, LoginError> {
     tokio::time::timeout(PATIENCE, task)
         .await
         .expect("login did not finish")
@@ -95,7 +97,10 @@ async fn code_flow_end_to_end_yields_working_tokens_with_refresh_token() {
     let (task, auth_url) = start(options(&idp, PUBLIC_CLIENT_ID)).await;
 
     // What SPEC §6 promises about the request.
-    assert_eq!(param(&auth_url, "code_challenge_method").as_deref(), Some("S256"));
+    assert_eq!(
+        param(&auth_url, "code_challenge_method").as_deref(),
+        Some("S256")
+    );
     assert!(param(&auth_url, "code_challenge").is_some());
     assert_eq!(param(&auth_url, "prompt").as_deref(), Some("consent"));
     assert!(param(&auth_url, "nonce").is_some());
@@ -124,7 +129,10 @@ async fn code_flow_end_to_end_yields_working_tokens_with_refresh_token() {
     let refresh_token = response.refresh_token.expect("a refresh token");
     assert!(!refresh_token.is_empty());
     assert!(response.id_token.is_some());
-    assert_eq!(idp.userinfo_status(response.access_token.expose()).await, 200);
+    assert_eq!(
+        idp.userinfo_status(response.access_token.expose()).await,
+        200
+    );
     assert!(idp.introspect_active(refresh_token.expose()).await);
     assert!(port_closed(port).await, "listener still open after login");
     // Debug output of the outcome never shows a token.
@@ -142,12 +150,18 @@ async fn confidential_client_logs_in_with_its_secret() {
     };
     let (task, auth_url) = start(opts).await;
     let callback = complete_login(auth_url.as_str()).await.unwrap();
-    assert_eq!(http_client().get(callback).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http_client().get(callback).send().await.unwrap().status(),
+        200
+    );
     let outcome = finish(task).await.unwrap();
     assert_eq!(outcome.client_id, CONFIDENTIAL_CLIENT_ID);
     let response = TokenResponse::parse(outcome.token_response.expose()).unwrap();
     assert!(response.refresh_token.is_some());
-    assert_eq!(idp.userinfo_status(response.access_token.expose()).await, 200);
+    assert_eq!(
+        idp.userinfo_status(response.access_token.expose()).await,
+        200
+    );
 }
 
 #[tokio::test]
@@ -157,8 +171,22 @@ async fn listener_ignores_other_paths_and_methods() {
     let port = listener_port(&auth_url);
     let base = format!("http://127.0.0.1:{port}");
     let c = http_client();
-    assert_eq!(c.get(format!("{base}/favicon.ico")).send().await.unwrap().status(), 404);
-    assert_eq!(c.post(format!("{base}/callback")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(format!("{base}/favicon.ico"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        c.post(format!("{base}/callback"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     assert!(!task.is_finished());
     // The real callback still works afterwards.
     let callback = complete_login(auth_url.as_str()).await.unwrap();
@@ -175,7 +203,11 @@ async fn wrong_state_is_rejected_and_no_tokens_are_requested() {
     let pairs: Vec<(String, String)> = callback
         .query_pairs()
         .map(|(k, v)| {
-            let v = if k == "state" { format!("{v}x") } else { v.into_owned() };
+            let v = if k == "state" {
+                format!("{v}x")
+            } else {
+                v.into_owned()
+            };
             (k.into_owned(), v)
         })
         .collect();
@@ -202,13 +234,19 @@ async fn access_denied_callback_is_a_clear_error() {
         .append_pair("error", "access_denied")
         .append_pair("error_description", "End-User aborted interaction")
         .append_pair("state", &state);
-    assert_eq!(http_client().get(callback).send().await.unwrap().status(), 400);
+    assert_eq!(
+        http_client().get(callback).send().await.unwrap().status(),
+        400
+    );
     let err = finish(task).await.unwrap_err();
     assert!(
         matches!(&err, LoginError::Denied { error, .. } if error == "access_denied"),
         "{err:?}"
     );
-    assert!(err.to_string().contains("End-User aborted interaction"), "{err}");
+    assert!(
+        err.to_string().contains("End-User aborted interaction"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -223,7 +261,10 @@ async fn timeout_is_an_error_and_closes_the_listener() {
     let err = finish(task).await.unwrap_err();
     assert!(matches!(err, LoginError::TimedOut { .. }), "{err:?}");
     assert!(err.to_string().contains("timed out"), "{err}");
-    assert!(port_closed(port).await, "port {port} still accepts after the timeout");
+    assert!(
+        port_closed(port).await,
+        "port {port} still accepts after the timeout"
+    );
 }
 
 #[tokio::test]
@@ -231,11 +272,17 @@ async fn dropping_the_login_future_closes_the_listener() {
     let idp = OidcProvider::start(60).await;
     let (task, auth_url) = start(options(&idp, PUBLIC_CLIENT_ID)).await;
     let port = listener_port(&auth_url);
-    assert!(!port_closed(port).await, "listener should be up while waiting");
+    assert!(
+        !port_closed(port).await,
+        "listener should be up while waiting"
+    );
     task.abort();
     let joined = task.await;
     assert!(joined.unwrap_err().is_cancelled());
-    assert!(port_closed(port).await, "port {port} leaked after cancellation");
+    assert!(
+        port_closed(port).await,
+        "port {port} leaked after cancellation"
+    );
 }
 
 #[tokio::test]

@@ -29,7 +29,12 @@ impl LoginUi for CaptureUi {
     fn show_url(&mut self, _: &str) {
         panic!("the device flow showed a redirect URL");
     }
-    fn show_device_code(&mut self, verification_uri: &str, user_code: &str, complete: Option<&str>) {
+    fn show_device_code(
+        &mut self,
+        verification_uri: &str,
+        user_code: &str,
+        complete: Option<&str>,
+    ) {
         let _ = self.0.send(DeviceCode {
             verification_uri: verification_uri.to_owned(),
             user_code: user_code.to_owned(),
@@ -61,7 +66,9 @@ async fn start(opts: LoginOptions) -> (JoinHandle<Result<LoginOutcome, LoginErro
     (task, code)
 }
 
-async fn finish(task: JoinHandle<Result<LoginOutcome, LoginError>>) -> Result<LoginOutcome, LoginError> {
+async fn finish(
+    task: JoinHandle<Result<LoginOutcome, LoginError>>,
+) -> Result<LoginOutcome, LoginError> {
     tokio::time::timeout(PATIENCE, task)
         .await
         .expect("login did not finish")
@@ -74,10 +81,19 @@ async fn device_flow_end_to_end_yields_working_tokens_with_refresh_token() {
     let started = Instant::now();
     let (task, code) = start(options(&idp)).await;
     assert_eq!(code.verification_uri, format!("{}/device", idp.issuer()));
-    let complete = Url::parse(code.complete_uri.as_deref().expect("verification_uri_complete")).unwrap();
-    assert!(complete.query_pairs().any(|(k, v)| k == "user_code" && v == code.user_code.as_str()));
+    let complete = Url::parse(
+        code.complete_uri
+            .as_deref()
+            .expect("verification_uri_complete"),
+    )
+    .unwrap();
+    assert!(complete
+        .query_pairs()
+        .any(|(k, v)| k == "user_code" && v == code.user_code.as_str()));
 
-    approve_device_code(idp.issuer(), &code.user_code).await.unwrap();
+    approve_device_code(idp.issuer(), &code.user_code)
+        .await
+        .unwrap();
     let outcome = finish(task).await.unwrap();
     let elapsed = started.elapsed();
     eprintln!("FIGURE device-flow login against local oidc-provider (interval 1 s): {elapsed:?}");
@@ -86,10 +102,16 @@ async fn device_flow_end_to_end_yields_working_tokens_with_refresh_token() {
     assert_eq!(outcome.subject.as_deref(), Some("test-user"));
     let response = TokenResponse::parse(outcome.token_response.expose()).unwrap();
     let refresh_token = response.refresh_token.expect("a refresh token");
-    assert_eq!(idp.userinfo_status(response.access_token.expose()).await, 200);
+    assert_eq!(
+        idp.userinfo_status(response.access_token.expose()).await,
+        200
+    );
     assert!(idp.introspect_active(refresh_token.expose()).await);
     let granted = response.scope.unwrap_or_default();
-    assert!(granted.split(' ').any(|s| s == "offline_access"), "{granted}");
+    assert!(
+        granted.split(' ').any(|s| s == "offline_access"),
+        "{granted}"
+    );
 }
 
 /// Presses the confirmation page's `[ Abort ]` button for `user_code`.
@@ -103,10 +125,22 @@ async fn abort_device_code(issuer: &str, user_code: &str) {
     let mut start = Url::parse(&format!("{issuer}/device")).unwrap();
     start.query_pairs_mut().append_pair("user_code", user_code);
     // GET with the code answers an auto-submitting form (xsrf + user_code).
-    let page = client.get(start.clone()).send().await.unwrap().text().await.unwrap();
+    let page = client
+        .get(start.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let mut form = parse_single_form(&page, &start).unwrap();
     form.fields.push(("abort".into(), "yes".into()));
-    let resp = client.post(form.action).form(&form.fields).send().await.unwrap();
+    let resp = client
+        .post(form.action)
+        .form(&form.fields)
+        .send()
+        .await
+        .unwrap();
     let html = resp.text().await.unwrap();
     assert!(html.contains("was interrupted"), "abort page: {html}");
 }

@@ -21,7 +21,9 @@ fn http() -> Http {
 
 async fn jwks(idp: &OidcProvider) -> CoreJsonWebKeySet {
     let endpoints = discover(&http(), idp.issuer()).await.unwrap();
-    fetch_jwks(&http(), &endpoints.jwks_uri.unwrap()).await.unwrap()
+    fetch_jwks(&http(), &endpoints.jwks_uri.unwrap())
+        .await
+        .unwrap()
 }
 
 /// An ID token carrying `nonce`, from a hand-run code flow (PKCE, port 8765
@@ -87,10 +89,18 @@ async fn nonce_must_match_the_one_sent() {
     let idp = OidcProvider::start(60).await;
     let jwks = jwks(&idp).await;
     let token = id_token_with_nonce(&idp, "nonce-one").await;
-    let ok = verify_id_token(&token, &jwks, &check(idp.issuer(), PUBLIC_CLIENT_ID, Some("nonce-one")));
+    let ok = verify_id_token(
+        &token,
+        &jwks,
+        &check(idp.issuer(), PUBLIC_CLIENT_ID, Some("nonce-one")),
+    );
     assert_eq!(ok.unwrap().as_deref(), Some("test-user"));
     assert_rejected(
-        verify_id_token(&token, &jwks, &check(idp.issuer(), PUBLIC_CLIENT_ID, Some("nonce-two"))),
+        verify_id_token(
+            &token,
+            &jwks,
+            &check(idp.issuer(), PUBLIC_CLIENT_ID, Some("nonce-two")),
+        ),
         "nonce",
     );
 }
@@ -99,7 +109,9 @@ async fn nonce_must_match_the_one_sent() {
 async fn wrong_audience_issuer_or_missing_nonce_is_rejected() {
     let idp = OidcProvider::start(60).await;
     let jwks = jwks(&idp).await;
-    let minted = idp.mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"]).await;
+    let minted = idp
+        .mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"])
+        .await;
     let token = minted["id_token"].as_str().unwrap();
 
     // Baseline: the token is fine for what it was issued to.
@@ -110,12 +122,20 @@ async fn wrong_audience_issuer_or_missing_nonce_is_rejected() {
         "audience",
     );
     assert_rejected(
-        verify_id_token(token, &jwks, &check("http://127.0.0.1:9", PUBLIC_CLIENT_ID, None)),
+        verify_id_token(
+            token,
+            &jwks,
+            &check("http://127.0.0.1:9", PUBLIC_CLIENT_ID, None),
+        ),
         "issuer",
     );
     // The code flow always expects a nonce; this token has none.
     assert_rejected(
-        verify_id_token(token, &jwks, &check(idp.issuer(), PUBLIC_CLIENT_ID, Some("n"))),
+        verify_id_token(
+            token,
+            &jwks,
+            &check(idp.issuer(), PUBLIC_CLIENT_ID, Some("n")),
+        ),
         "nonce",
     );
 }
@@ -124,10 +144,13 @@ async fn wrong_audience_issuer_or_missing_nonce_is_rejected() {
 async fn tampered_or_unsigned_tokens_are_rejected() {
     let idp = OidcProvider::start(60).await;
     let jwks = jwks(&idp).await;
-    let minted = idp.mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"]).await;
+    let minted = idp
+        .mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"])
+        .await;
     let token = minted["id_token"].as_str().unwrap();
     let parts: Vec<&str> = token.split('.').collect();
-    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
     let expect = check(idp.issuer(), PUBLIC_CLIENT_ID, None);
 
     // Same signature, different subject.

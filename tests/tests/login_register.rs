@@ -60,14 +60,24 @@ async fn registered_client_has_the_refresh_grant() {
     let code_only = register_client(&http(), &endpoint, false).await.unwrap();
     assert!(!code_only.client_id.is_empty());
     assert_ne!(code_only.client_id, PUBLIC_CLIENT_ID);
-    assert!(code_only.client_secret.is_none(), "public client: no secret");
+    assert!(
+        code_only.client_secret.is_none(),
+        "public client: no secret"
+    );
     for g in ["authorization_code", "refresh_token"] {
-        assert!(code_only.grant_types.iter().any(|x| x == g), "{:?}", code_only.grant_types);
+        assert!(
+            code_only.grant_types.iter().any(|x| x == g),
+            "{:?}",
+            code_only.grant_types
+        );
     }
     assert!(!code_only.grant_types.iter().any(|x| x == DEVICE_CODE_GRANT));
 
     let with_device = register_client(&http(), &endpoint, true).await.unwrap();
-    assert!(with_device.grant_types.iter().any(|x| x == DEVICE_CODE_GRANT));
+    assert!(with_device
+        .grant_types
+        .iter()
+        .any(|x| x == DEVICE_CODE_GRANT));
     assert_ne!(with_device.client_id, code_only.client_id);
 }
 
@@ -89,10 +99,20 @@ async fn register_then_code_login_then_refresh_works() {
     };
     // The registered redirect has no port; the provider accepts ours anyway.
     let callback = complete_login(&url).await.unwrap();
-    assert_eq!(http_client().get(callback).send().await.unwrap().status(), 200);
-    let outcome = tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap().unwrap();
+    assert_eq!(
+        http_client().get(callback).send().await.unwrap().status(),
+        200
+    );
+    let outcome = tokio::time::timeout(PATIENCE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_ne!(outcome.client_id, PUBLIC_CLIENT_ID);
-    assert!(outcome.scopes.iter().any(|s| s == "openid"), "default scopes");
+    assert!(
+        outcome.scopes.iter().any(|s| s == "openid"),
+        "default scopes"
+    );
 
     let response = TokenResponse::parse(outcome.token_response.expose()).unwrap();
     let rt = response.refresh_token.expect("refresh token");
@@ -113,11 +133,16 @@ async fn register_then_device_login_works() {
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move { login(&http(), opts, &mut CaptureUi(tx)).await });
-    let Some(Shown::UserCode(code)) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap() else {
+    let Some(Shown::UserCode(code)) = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap()
+    else {
         panic!("expected a user code");
     };
     approve_device_code(idp.issuer(), &code).await.unwrap();
-    let outcome = tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap().unwrap();
+    let outcome = tokio::time::timeout(PATIENCE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let response = TokenResponse::parse(outcome.token_response.expose()).unwrap();
     let rt = response.refresh_token.expect("refresh token");
     let (status, _) = refresh(&idp, &outcome.client_id, rt.expose()).await;

@@ -123,16 +123,17 @@ pub async fn checks(socket: Option<&Path>) -> Vec<Check> {
 fn private_dir(what: &str, dir: &Path) -> Check {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let shown = dir.display();
-    let meta = match std::fs::metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return check(
+    let meta =
+        match std::fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return check(
                 Level::Fail,
-                format!("{what} {shown} does not exist; start the broker (kontext-broker) to create it"),
-            )
-        }
-        Err(e) => return check(Level::Fail, format!("{what} {shown}: {e}")),
-    };
+                format!(
+                    "{what} {shown} does not exist; start the broker (kontext-broker) to create it"
+                ),
+            ),
+            Err(e) => return check(Level::Fail, format!("{what} {shown}: {e}")),
+        };
     let mode = meta.permissions().mode() & 0o7777;
     let euid = paths::euid();
     if !meta.is_dir() {
@@ -151,7 +152,10 @@ fn private_dir(what: &str, dir: &Path) -> Check {
             format!("{what} {shown} has mode {mode:04o}; fix with `chmod 700 {shown}`"),
         )
     } else {
-        check(Level::Ok, format!("{what} {shown} (mode {mode:04o}, uid {euid})"))
+        check(
+            Level::Ok,
+            format!("{what} {shown} (mode {mode:04o}, uid {euid})"),
+        )
     }
 }
 
@@ -187,7 +191,10 @@ fn socket_file(path: &Path) -> Check {
             format!("socket {shown} has mode {mode:04o}, expected 0600; restart the broker"),
         )
     } else {
-        check(Level::Ok, format!("socket {shown} (mode {mode:04o}, uid {euid})"))
+        check(
+            Level::Ok,
+            format!("socket {shown} (mode {mode:04o}, uid {euid})"),
+        )
     }
 }
 
@@ -309,7 +316,11 @@ pub fn parse_http_date(s: &str) -> Option<u64> {
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
     let [h, m, sec] = hms[..] else { return None };
-    if !(1..=31).contains(&day) || !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..61).contains(&sec) {
+    if !(1..=31).contains(&day)
+        || !(0..24).contains(&h)
+        || !(0..60).contains(&m)
+        || !(0..61).contains(&sec)
+    {
         return None;
     }
     let secs = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec;

@@ -183,3 +183,55 @@ pub async fn run(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<super::LoginArgs, clap::Error> {
+        Cli::try_parse_from([&["broker-ctl", "login"], args].concat()).map(|cli| {
+            match cli.command {
+                Command::Login(a) => a,
+                other => panic!("parsed as {other:?}"),
+            }
+        })
+    }
+
+    #[test]
+    fn client_id_is_required_unless_register() {
+        let e = parse(&["--issuer", "https://idp.example"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let a = parse(&["--issuer", "https://idp.example", "--register", "--device"]).unwrap();
+        assert!(a.register && a.device && a.client_id.is_none());
+        assert_eq!(a.profile, "default");
+        let e = parse(&["--issuer", "x", "--client-id", "c", "--register"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn all_spec_flags_parse() {
+        let a = parse(&[
+            "--issuer",
+            "https://idp.example",
+            "--client-id",
+            "c",
+            "--client-secret-file",
+            "/dev/null",
+            "--scope",
+            "a",
+            "--scope",
+            "b",
+            "--no-browser",
+            "--profile",
+            "p",
+        ])
+        .unwrap();
+        assert_eq!(a.scopes, ["a", "b"]);
+        assert!(a.no_browser && !a.device);
+        assert_eq!(a.profile, "p");
+        assert_eq!(a.client_id.as_deref(), Some("c"));
+        assert!(Cli::try_parse_from(["broker-ctl", "doctor"]).is_ok());
+    }
+}
