@@ -116,6 +116,9 @@ async fn wrong_audience_issuer_or_missing_nonce_is_rejected() {
 
     // Baseline: the token is fine for what it was issued to.
     assert!(verify_id_token(token, &jwks, &check(idp.issuer(), PUBLIC_CLIENT_ID, None)).is_ok());
+    // An issuer configured with a trailing slash is the same issuer.
+    let slashed = format!("{}/", idp.issuer());
+    assert!(verify_id_token(token, &jwks, &check(&slashed, PUBLIC_CLIENT_ID, None)).is_ok());
 
     assert_rejected(
         verify_id_token(token, &jwks, &check(idp.issuer(), "another-client", None)),

@@ -123,17 +123,16 @@ pub async fn checks(socket: Option<&Path>) -> Vec<Check> {
 fn private_dir(what: &str, dir: &Path) -> Check {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let shown = dir.display();
-    let meta =
-        match std::fs::metadata(dir) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return check(
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return check(
                 Level::Fail,
-                format!(
-                    "{what} {shown} does not exist; start the broker (kontext-broker) to create it"
-                ),
-            ),
-            Err(e) => return check(Level::Fail, format!("{what} {shown}: {e}")),
-        };
+                format!("{what} {shown} does not exist; starting the broker creates it"),
+            )
+        }
+        Err(e) => return check(Level::Fail, format!("{what} {shown}: {e}")),
+    };
     let mode = meta.permissions().mode() & 0o7777;
     let euid = paths::euid();
     if !meta.is_dir() {

@@ -66,7 +66,11 @@ impl CallbackListener {
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => {
-                    let Ok((stream, _peer)) = accepted else { continue };
+                    let Ok((stream, _peer)) = accepted else {
+                        // E.g. out of descriptors: pause instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
                     if connections.len() >= MAX_CONNECTIONS {
                         continue; // dropped: closed unanswered
                     }

@@ -208,7 +208,7 @@ pub async fn login(
     opts: LoginOptions,
     ui: &mut dyn LoginUi,
 ) -> Result<LoginOutcome, LoginError> {
-    if !opts.register && opts.client_id.is_none() {
+    if !opts.register && opts.client_id.as_deref().is_none_or(str::is_empty) {
         return Err(LoginError::Usage(
             "a client id is required unless the client is registered dynamically (--register)"
                 .into(),

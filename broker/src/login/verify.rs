@@ -60,7 +60,15 @@ pub fn verify_id_token(
 ) -> Result<Option<String>, LoginError> {
     let token = CoreIdToken::from_str(raw)
         .map_err(|e| LoginError::IdToken(format!("not a JWT: {}", sanitize(&e.to_string()))))?;
-    let issuer = IssuerUrl::new(check.issuer.to_owned())
+    // Discovery already accepted a document whose issuer differs from the
+    // configured one by a trailing slash at most; the token carries the
+    // document's spelling, which the verifier compares byte for byte.
+    let claimed = unverified_issuer(raw);
+    let expected = match &claimed {
+        Some(iss) if iss.trim_end_matches('/') == check.issuer.trim_end_matches('/') => iss,
+        _ => check.issuer,
+    };
+    let issuer = IssuerUrl::new(expected.to_owned())
         .map_err(|e| LoginError::IdToken(format!("issuer URL: {e}")))?;
     let client_id = ClientId::new(check.client_id.to_owned());
     let verifier = match check.client_secret {
@@ -83,6 +91,18 @@ pub fn verify_id_token(
             .map(|e| e.as_str().to_owned())
             .unwrap_or_else(|| claims.subject().as_str().to_owned()),
     ))
+}
+
+/// The `iss` claim, read without any check; only used to pick the spelling
+/// of the expected issuer above.
+fn unverified_issuer(raw: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = raw.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("iss")?.as_str().map(str::to_owned)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
