@@ -3,6 +3,8 @@
 //! Data goes to stdout; every failure is one line on stderr naming the cause and
 //! the fix, and the exit code says which kind of failure it was (see [`exit`]).
 
+pub mod doctor;
+pub mod login;
 mod render;
 
 use std::io::{Read, Write};
@@ -196,6 +198,10 @@ pub enum Command {
     },
     /// Drop all decrypted secrets from the broker's memory.
     Lock,
+    /// Log in to an identity provider and store the tokens in the broker.
+    Login(login::LoginArgs),
+    /// Check paths, permissions, the broker, IdP discovery and clock skew.
+    Doctor,
 }
 
 /// Checks a `--profile` value locally, so a typo is a usage error (exit 2).
@@ -389,6 +395,11 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
             connect(socket).await?.lock().await?;
             writeln!(out, "locked")?;
         }
+        Command::Login(args) => {
+            let timeout = crate::login::DEFAULT_TIMEOUT;
+            login::run(args, socket, out, &mut std::io::stderr(), timeout).await?;
+        }
+        Command::Doctor => doctor::run(socket, out).await?,
     }
     Ok(())
 }

@@ -1,1 +1,495 @@
-//! (in progress)
+//! Logging in (SPEC §6): run an OAuth flow against the IdP and hand back a
+//! token endpoint response ready for the broker's `Import`.
+//!
+//! Two flows, both through `openidconnect`:
+//! - authorization code + PKCE (S256) with a loopback redirect
+//!   `http://127.0.0.1:<random port>/callback` (RFC 8252), see [`callback`];
+//! - the device authorization grant (RFC 8628), see [`device`].
+//!
+//! Optionally the client is first registered dynamically (RFC 7591), see
+//! [`register_client`]. `offline_access` is always requested, and the code flow
+//! sends `prompt=consent`, because providers such as `oidc-provider` drop
+//! `offline_access` (and so the refresh token) without it.
+//!
+//! The flow runs in the caller's process (the CLI), never in the broker: the
+//! broker only ever sees the finished token response. Nothing here logs or
+//! formats a token; errors carry IdP error codes and descriptions only.
+
+mod browser;
+mod callback;
+mod device;
+mod register;
+mod verify;
+
+use std::time::Duration;
+
+use kontext_broker_protocol::Secret;
+use openidconnect::core::{
+    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreErrorResponseType, CoreTokenResponse,
+};
+use openidconnect::{
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce,
+    OAuth2TokenResponse, PkceCodeChallenge, RedirectUrl, RequestTokenError, Scope,
+    StandardErrorResponse, TokenUrl,
+};
+
+use crate::idp::{discover, Http};
+use crate::store::Endpoints;
+
+pub use register::{register_client, RegisteredClient, DEVICE_CODE_GRANT, REGISTERED_REDIRECT_URI};
+pub use verify::{fetch_jwks, verify_id_token, IdTokenCheck};
+
+/// Scope that asks for a refresh token; always requested.
+pub const OFFLINE_ACCESS: &str = "offline_access";
+/// The OpenID Connect scope; when requested, an ID token is validated.
+pub const OPENID: &str = "openid";
+/// Default for [`LoginOptions::timeout`]: how long the user has to finish.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// Which OAuth flow to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Authorization code + PKCE with a loopback redirect.
+    CodePkce {
+        /// Start the system browser (`xdg-open` / `open`) on the URL.
+        open_browser: bool,
+    },
+    /// Device authorization grant (RFC 8628); the user opens the URL anywhere.
+    Device,
+}
+
+/// What to log in to, and how.
+#[derive(Debug, Clone)]
+pub struct LoginOptions {
+    /// Issuer URL (`https://`, or `http://` on loopback only).
+    pub issuer: String,
+    /// Client to log in as. Required unless `register` is set.
+    pub client_id: Option<String>,
+    /// Secret of a confidential client (sent with HTTP Basic auth).
+    pub client_secret: Option<Secret>,
+    /// Scopes to ask for. Empty means `openid` (when the issuer publishes a
+    /// JWKS) plus `offline_access`; `offline_access` is added in any case.
+    pub scopes: Vec<String>,
+    /// The flow to run.
+    pub flow: Flow,
+    /// Register a new public client first (RFC 7591) and log in as it.
+    pub register: bool,
+    /// How long to wait for the user (browser callback or device approval).
+    pub timeout: Duration,
+}
+
+impl LoginOptions {
+    /// Options for `issuer` with every other field at its default: no client
+    /// (set one, or `register`), default scopes, code flow with a browser,
+    /// [`DEFAULT_TIMEOUT`].
+    pub fn new(issuer: impl Into<String>) -> LoginOptions {
+        LoginOptions {
+            issuer: issuer.into(),
+            client_id: None,
+            client_secret: None,
+            scopes: Vec::new(),
+            flow: Flow::CodePkce { open_browser: true },
+            register: false,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// A finished login: everything the broker's `Import` request needs.
+#[derive(Debug)]
+pub struct LoginOutcome {
+    /// The client logged in as (the registered one with `register`).
+    pub client_id: String,
+    /// Its secret, if it has one.
+    pub client_secret: Option<Secret>,
+    /// The scopes that were requested (the profile's scopes).
+    pub scopes: Vec<String>,
+    /// The token endpoint's answer as RFC 6749 §5.1 JSON; always has a `refresh_token`.
+    pub token_response: Secret,
+    /// Email (else `sub`) from the validated ID token, for display.
+    pub subject: Option<String>,
+}
+
+/// How a login talks to the user. Implementations print; tests capture.
+pub trait LoginUi: Send {
+    /// The authorization URL of the code flow; to be shown on a line of its own.
+    fn show_url(&mut self, url: &str);
+    /// The device flow's instructions (RFC 8628 §3.3).
+    fn show_device_code(
+        &mut self,
+        verification_uri: &str,
+        user_code: &str,
+        complete_uri: Option<&str>,
+    );
+    /// A remark that needs no action, such as "could not start a browser".
+    fn notice(&mut self, _message: &str) {}
+}
+
+/// Why a login failed. Never holds a token, code or secret.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The options are incomplete or contradictory.
+    #[error("{0}")]
+    Usage(String),
+    /// The issuer lacks something the chosen flow needs.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Discovery or URL validation failed.
+    #[error(transparent)]
+    Discovery(crate::Error),
+    /// The loopback listener for the redirect could not be opened.
+    #[error("cannot listen on 127.0.0.1 for the login callback: {0}")]
+    Listener(std::io::Error),
+    /// Nobody finished the login in time.
+    #[error("login timed out after {}: {what}; run the login again", humantime::format_duration(*.after))]
+    TimedOut {
+        /// The configured timeout.
+        after: Duration,
+        /// What was being waited for.
+        what: &'static str,
+    },
+    /// The callback's `state` did not match: a forged or stale redirect. No code was redeemed.
+    #[error("the login callback carried the wrong state (forged or stale redirect); no tokens were requested; run the login again")]
+    StateMismatch,
+    /// The callback named a different issuer (RFC 9207 mix-up defence).
+    #[error(
+        "the login callback came from issuer `{0}`, not the one asked; no tokens were requested"
+    )]
+    IssuerMismatch(String),
+    /// The user or the IdP refused the authorization.
+    #[error("the identity provider refused the login: {error}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Denied {
+        /// OAuth error code, e.g. `access_denied`.
+        error: String,
+        /// The IdP's `error_description`, sanitised and shortened.
+        description: Option<String>,
+    },
+    /// The device code expired before the user approved it.
+    #[error("the device code expired before the login was approved; run the login again")]
+    DeviceCodeExpired,
+    /// Dynamic client registration failed.
+    #[error("client registration failed: {0}")]
+    Registration(String),
+    /// The token or device endpoint refused the request.
+    #[error("the identity provider rejected the token request: {0}")]
+    Token(String),
+    /// The IdP could not be reached or failed transiently.
+    #[error("identity provider unavailable: {0}")]
+    IdpUnavailable(String),
+    /// The ID token failed validation; its tokens were discarded.
+    #[error("the ID token is invalid ({0}); the tokens were discarded")]
+    IdToken(String),
+    /// The IdP issued no refresh token, so the broker could not renew access.
+    #[error("the identity provider issued no refresh token; allow the refresh_token grant and offline_access for this client")]
+    NoRefreshToken,
+}
+
+impl LoginError {
+    /// True when retrying later may succeed without changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            LoginError::IdpUnavailable(_) | LoginError::Discovery(crate::Error::IdpTransient(_))
+        )
+    }
+}
+
+/// Shortens IdP-provided text and strips control characters, so a hostile
+/// IdP cannot paint the terminal or flood the error line.
+pub(crate) fn sanitize(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(200).collect()
+}
+
+/// Runs a login to completion: discovery, optional registration, the flow,
+/// and ID token validation. Dropping the future cancels it and closes the
+/// loopback listener.
+pub async fn login(
+    http: &Http,
+    opts: LoginOptions,
+    ui: &mut dyn LoginUi,
+) -> Result<LoginOutcome, LoginError> {
+    if !opts.register && opts.client_id.as_deref().is_none_or(str::is_empty) {
+        return Err(LoginError::Usage(
+            "a client id is required unless the client is registered dynamically (--register)"
+                .into(),
+        ));
+    }
+    let endpoints = discover(http, &opts.issuer)
+        .await
+        .map_err(LoginError::Discovery)?;
+    let scopes = requested_scopes(&opts.scopes, endpoints.jwks_uri.is_some());
+    let wants_id_token = scopes.iter().any(|s| s == OPENID);
+    // Fail on missing endpoints before anything reaches the user or the IdP.
+    match opts.flow {
+        Flow::CodePkce { .. } if endpoints.authorization.is_none() => {
+            return Err(LoginError::Unsupported(format!(
+                "issuer {} advertises no authorization_endpoint; try --device",
+                opts.issuer
+            )))
+        }
+        Flow::Device if endpoints.device_authorization.is_none() => {
+            return Err(LoginError::Unsupported(format!(
+                "issuer {} advertises no device_authorization_endpoint; drop --device",
+                opts.issuer
+            )))
+        }
+        _ => {}
+    }
+    if wants_id_token && endpoints.jwks_uri.is_none() {
+        return Err(LoginError::Unsupported(format!(
+            "issuer {} publishes no jwks_uri, so an ID token cannot be validated; drop the `openid` scope",
+            opts.issuer
+        )));
+    }
+
+    let (client_id, client_secret) = if opts.register {
+        let endpoint = endpoints.registration.as_deref().ok_or_else(|| {
+            LoginError::Unsupported(format!(
+                "issuer {} advertises no registration_endpoint; pass --client-id instead of --register",
+                opts.issuer
+            ))
+        })?;
+        let registered = register_client(http, endpoint, opts.flow == Flow::Device).await?;
+        (registered.client_id, registered.client_secret)
+    } else {
+        // Checked above.
+        let id = opts.client_id.clone().unwrap_or_default();
+        (id, opts.client_secret.clone())
+    };
+
+    let jwks = match (&endpoints.jwks_uri, wants_id_token) {
+        (Some(uri), true) => fetch_jwks(http, uri).await?,
+        _ => Default::default(),
+    };
+    let issuer = IssuerUrl::new(opts.issuer.clone())
+        .map_err(|e| LoginError::Usage(format!("issuer URL: {e}")))?;
+    let token_url = TokenUrl::new(endpoints.token.clone())
+        .map_err(|e| LoginError::Unsupported(format!("token endpoint URL: {e}")))?;
+    let mut client = CoreClient::new(ClientId::new(client_id.clone()), issuer, jwks.clone())
+        .set_token_uri(token_url)
+        // The scope list is ours to decide (see `requested_scopes`).
+        .disable_openid_scope();
+    if let Some(secret) = &client_secret {
+        client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
+    }
+
+    let (response, nonce) = match opts.flow {
+        Flow::CodePkce { open_browser } => {
+            let (response, nonce) = code_flow(
+                http,
+                client,
+                &endpoints,
+                &opts.issuer,
+                &scopes,
+                open_browser,
+                opts.timeout,
+                ui,
+            )
+            .await?;
+            (response, Some(nonce))
+        }
+        Flow::Device => {
+            let response =
+                device::device_flow(http, client, &endpoints, &scopes, opts.timeout, ui).await?;
+            (response, None)
+        }
+    };
+
+    let subject = match response.extra_fields().id_token() {
+        // Not asked for, so no JWKS was fetched: it is not trusted for anything.
+        Some(_) if !wants_id_token => None,
+        Some(id_token) => {
+            let check = IdTokenCheck {
+                issuer: &opts.issuer,
+                client_id: &client_id,
+                client_secret: client_secret.as_ref(),
+                nonce: nonce.as_ref().map(|n| n.secret().as_str()),
+            };
+            verify_id_token(&id_token.to_string(), &jwks, &check)?
+        }
+        // OIDC Core §3.1.3.3: the code flow's token response must carry one.
+        None if wants_id_token && nonce.is_some() => {
+            return Err(LoginError::IdToken(
+                "the token response has no id_token although `openid` was requested".into(),
+            ))
+        }
+        None => None,
+    };
+    if response.refresh_token().is_none() {
+        return Err(LoginError::NoRefreshToken);
+    }
+    let json = serde_json::to_string(&response)
+        .map_err(|e| LoginError::Token(format!("cannot re-encode the token response: {e}")))?;
+    Ok(LoginOutcome {
+        client_id,
+        client_secret,
+        scopes,
+        token_response: Secret::new(json),
+        subject,
+    })
+}
+
+/// The scopes to ask for: the caller's (or a default), plus `offline_access`.
+fn requested_scopes(asked: &[String], oidc: bool) -> Vec<String> {
+    let mut scopes: Vec<String> = if asked.is_empty() && oidc {
+        vec![OPENID.to_owned()]
+    } else {
+        Vec::new()
+    };
+    for s in asked.iter().flat_map(|s| s.split_whitespace()) {
+        if !scopes.iter().any(|have| have == s) {
+            scopes.push(s.to_owned());
+        }
+    }
+    if !scopes.iter().any(|s| s == OFFLINE_ACCESS) {
+        scopes.push(OFFLINE_ACCESS.to_owned());
+    }
+    scopes
+}
+
+type TokenClient = CoreClient<
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointSet,
+    openidconnect::EndpointNotSet,
+>;
+
+#[allow(clippy::too_many_arguments)]
+async fn code_flow(
+    http: &Http,
+    client: TokenClient,
+    endpoints: &Endpoints,
+    issuer: &str,
+    scopes: &[String],
+    open_browser: bool,
+    timeout: Duration,
+    ui: &mut dyn LoginUi,
+) -> Result<(CoreTokenResponse, Nonce), LoginError> {
+    let auth_url = endpoints.authorization.clone().unwrap_or_default();
+    let auth_url = AuthUrl::new(auth_url)
+        .map_err(|e| LoginError::Unsupported(format!("authorization endpoint URL: {e}")))?;
+    // Bound before the URL exists, so the port in the URL is ours. Dropped on
+    // every return path (and when this future is dropped): no leaked port.
+    let listener = callback::CallbackListener::bind()
+        .await
+        .map_err(LoginError::Listener)?;
+    let redirect = RedirectUrl::new(listener.redirect_uri())
+        .map_err(|e| LoginError::Usage(format!("redirect URI: {e}")))?;
+    let client = client.set_auth_uri(auth_url).set_redirect_uri(redirect);
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let (url, state, nonce) = client
+        .authorize_url(
+            CoreAuthenticationFlow::AuthorizationCode,
+            CsrfToken::new_random,
+            Nonce::new_random,
+        )
+        .add_scopes(scopes.iter().cloned().map(Scope::new))
+        .set_pkce_challenge(challenge)
+        .add_prompt(CoreAuthPrompt::Consent)
+        .url();
+    ui.show_url(url.as_str());
+    if open_browser {
+        if let Err(e) = browser::open(url.as_str()) {
+            ui.notice(&format!(
+                "could not start a browser ({e}); open the URL above yourself"
+            ));
+        }
+    }
+    let code = tokio::time::timeout(timeout, listener.wait(&state, issuer))
+        .await
+        .map_err(|_| LoginError::TimedOut {
+            after: timeout,
+            what: "no redirect reached the loopback listener",
+        })??;
+    drop(listener);
+    let response = client
+        .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
+        .set_pkce_verifier(verifier)
+        .request_async(http)
+        .await
+        .map_err(token_error)?;
+    Ok((response, nonce))
+}
+
+/// Describes a failed token-endpoint call without echoing any body.
+fn token_error<RE: std::error::Error + 'static>(
+    e: RequestTokenError<RE, StandardErrorResponse<CoreErrorResponseType>>,
+) -> LoginError {
+    match e {
+        RequestTokenError::ServerResponse(r) => {
+            let code = r.error().to_string();
+            let description = r.error_description().map(|d| sanitize(d));
+            if matches!(
+                r.error(),
+                CoreErrorResponseType::Extension(ext) if ext == "temporarily_unavailable" || ext == "server_error"
+            ) {
+                return LoginError::IdpUnavailable(code);
+            }
+            if code == "access_denied" {
+                return LoginError::Denied {
+                    error: code,
+                    description,
+                };
+            }
+            LoginError::Token(match description {
+                Some(d) => format!("{code}: {d}"),
+                None => code,
+            })
+        }
+        other => request_failure(other),
+    }
+}
+
+/// Transport, parse and other failures of any openidconnect request.
+pub(crate) fn request_failure<RE: std::error::Error + 'static, TE: openidconnect::ErrorResponse>(
+    e: RequestTokenError<RE, TE>,
+) -> LoginError {
+    match e {
+        RequestTokenError::ServerResponse(_) => {
+            LoginError::Token("unexpected error response".into())
+        }
+        RequestTokenError::Request(e) => {
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            LoginError::IdpUnavailable(format!("request failed: {text}"))
+        }
+        RequestTokenError::Parse(e, _body) => {
+            LoginError::Token(format!("unreadable response (at `{}`)", e.path()))
+        }
+        RequestTokenError::Other(detail) => {
+            LoginError::Token(format!("unexpected response: {}", sanitize(&detail)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offline_access_is_always_requested_once() {
+        assert_eq!(requested_scopes(&[], true), ["openid", "offline_access"]);
+        assert_eq!(requested_scopes(&[], false), ["offline_access"]);
+        assert_eq!(
+            requested_scopes(&["email openid".into(), "email".into()], true),
+            ["email", "openid", "offline_access"]
+        );
+        assert_eq!(
+            requested_scopes(&["offline_access".into(), "api".into()], false),
+            ["offline_access", "api"]
+        );
+    }
+
+    #[test]
+    fn sanitize_strips_control_characters_and_caps_length() {
+        assert_eq!(sanitize("a\x1b[31mb\nc"), "a[31mbc");
+        assert_eq!(sanitize(&"x".repeat(500)).len(), 200);
+    }
+}

@@ -1,0 +1,237 @@
+//! `broker-ctl login` (SPEC §6): run the OAuth flow in this process and import
+//! the result into the running broker.
+//!
+//! The broker is pinged before anything else, so no browser opens for a login
+//! that could not be stored. Instructions and the URL go to stderr (messages);
+//! the one-line summary goes to stdout (data), like `import`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kontext_broker_protocol::{paths, ImportRequest, DEFAULT_PROFILE};
+
+use super::{connect, exit, read_secret_file, rfc3339, Failure};
+use crate::config::Config;
+use crate::idp::Http;
+use crate::login::{self, Flow, LoginError, LoginOptions, LoginUi};
+
+/// Arguments of `broker-ctl login`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoginArgs {
+    #[arg(long, default_value = DEFAULT_PROFILE)]
+    pub profile: String,
+    /// Issuer URL (https://, or http:// on loopback).
+    #[arg(long, value_name = "URL")]
+    pub issuer: String,
+    /// OAuth client id (required unless --register).
+    #[arg(
+        long,
+        value_name = "ID",
+        required_unless_present = "register",
+        conflicts_with = "register"
+    )]
+    pub client_id: Option<String>,
+    /// File holding the client secret (never pass secrets as arguments).
+    #[arg(long, value_name = "FILE", conflicts_with = "register")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Scope (repeatable); default `openid`. `offline_access` is always added.
+    #[arg(long = "scope", value_name = "S")]
+    pub scopes: Vec<String>,
+    /// Use the device authorization grant (RFC 8628) instead of a browser redirect.
+    #[arg(long)]
+    pub device: bool,
+    /// Do not start a browser; only print the URL.
+    #[arg(long)]
+    pub no_browser: bool,
+    /// Register a new public client first (RFC 7591 dynamic registration).
+    #[arg(long)]
+    pub register: bool,
+}
+
+/// Prints the flow's instructions to the message stream (stderr).
+struct TerminalUi<'a> {
+    err: &'a mut (dyn Write + Send),
+    browser: bool,
+}
+
+impl LoginUi for TerminalUi<'_> {
+    fn show_url(&mut self, url: &str) {
+        let intro = if self.browser {
+            "Opening a browser to log in. If none opens, visit this URL:"
+        } else {
+            "Open this URL in a browser to log in:"
+        };
+        let _ = writeln!(self.err, "{intro}\n{url}");
+        let _ = self.err.flush();
+    }
+
+    fn show_device_code(
+        &mut self,
+        verification_uri: &str,
+        user_code: &str,
+        complete_uri: Option<&str>,
+    ) {
+        let _ = match complete_uri {
+            Some(complete) => writeln!(
+                self.err,
+                "Open this URL in a browser on any device to log in:\n{complete}\n(or open {verification_uri} and enter the code {user_code})"
+            ),
+            None => writeln!(
+                self.err,
+                "Open this URL in a browser on any device:\n{verification_uri}\nand enter the code {user_code}"
+            ),
+        };
+        let _ = self.err.flush();
+    }
+
+    fn notice(&mut self, message: &str) {
+        let _ = writeln!(self.err, "{message}");
+    }
+}
+
+/// The exit code for a failed login flow.
+fn failure(e: LoginError) -> Failure {
+    let code = match &e {
+        e if e.is_transient() => exit::IDP_UNAVAILABLE,
+        LoginError::Usage(_) => exit::USAGE,
+        _ => exit::OTHER,
+    };
+    Failure {
+        code,
+        message: e.to_string().replace('\n', " "),
+    }
+}
+
+/// Runs `broker-ctl login`: messages (and the URL) to `err`, the summary to `out`.
+pub async fn run(
+    args: LoginArgs,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+    err: &mut (dyn Write + Send),
+    timeout: Duration,
+) -> Result<(), Failure> {
+    if !paths::is_valid_profile_name(&args.profile) {
+        return Err(Failure {
+            code: exit::USAGE,
+            message: format!(
+                "invalid profile name `{}`: use 1-64 of A-Z a-z 0-9 . _ - and do not start with `.`",
+                args.profile
+            ),
+        });
+    }
+    // First: is there a broker to hand the tokens to?
+    let broker = connect(socket).await?;
+    broker.ping().await?;
+
+    let config = Config::load(paths::config_path(None).as_deref())
+        .map_err(|e| Failure::other(e.to_string()))?;
+    let http = Http::new(
+        Duration::from_secs(config.http_connect_timeout_secs),
+        Duration::from_secs(config.http_timeout_secs),
+        &config.extra_root_certs,
+    )
+    .map_err(|e| Failure::other(e.to_string()))?;
+    let client_secret = match &args.client_secret_file {
+        Some(f) => Some(read_secret_file(f)?),
+        None => None,
+    };
+    let flow = if args.device {
+        Flow::Device
+    } else {
+        Flow::CodePkce {
+            open_browser: !args.no_browser,
+        }
+    };
+    let opts = LoginOptions {
+        client_id: args.client_id.clone(),
+        client_secret,
+        scopes: args.scopes.clone(),
+        flow,
+        register: args.register,
+        timeout,
+        ..LoginOptions::new(args.issuer.clone())
+    };
+    let mut ui = TerminalUi {
+        err,
+        browser: !args.no_browser && !args.device,
+    };
+    let outcome = login::login(&http, opts, &mut ui).await.map_err(failure)?;
+
+    let status = broker
+        .import(ImportRequest {
+            profile: args.profile.clone(),
+            issuer: args.issuer.clone(),
+            client_id: outcome.client_id.clone(),
+            client_secret: outcome.client_secret,
+            scopes: outcome.scopes,
+            token_response: outcome.token_response,
+        })
+        .await?;
+    let who = outcome
+        .subject
+        .map(|s| format!(" as {}", crate::login::sanitize(&s)))
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "logged in profile `{}`{who} (client {}); access token expires {}",
+        status.name,
+        outcome.client_id,
+        status
+            .access_token_expires_at
+            .map_or_else(|| "-".to_owned(), rfc3339)
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<super::LoginArgs, clap::Error> {
+        Cli::try_parse_from([&["broker-ctl", "login"], args].concat()).map(|cli| {
+            match cli.command {
+                Command::Login(a) => a,
+                other => panic!("parsed as {other:?}"),
+            }
+        })
+    }
+
+    #[test]
+    fn client_id_is_required_unless_register() {
+        let e = parse(&["--issuer", "https://idp.example"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let a = parse(&["--issuer", "https://idp.example", "--register", "--device"]).unwrap();
+        assert!(a.register && a.device && a.client_id.is_none());
+        assert_eq!(a.profile, "default");
+        let e = parse(&["--issuer", "x", "--client-id", "c", "--register"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn all_spec_flags_parse() {
+        let a = parse(&[
+            "--issuer",
+            "https://idp.example",
+            "--client-id",
+            "c",
+            "--client-secret-file",
+            "/dev/null",
+            "--scope",
+            "a",
+            "--scope",
+            "b",
+            "--no-browser",
+            "--profile",
+            "p",
+        ])
+        .unwrap();
+        assert_eq!(a.scopes, ["a", "b"]);
+        assert!(a.no_browser && !a.device);
+        assert_eq!(a.profile, "p");
+        assert_eq!(a.client_id.as_deref(), Some("c"));
+        assert!(Cli::try_parse_from(["broker-ctl", "doctor"]).is_ok());
+    }
+}
