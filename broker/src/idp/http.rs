@@ -68,6 +68,25 @@ impl Http {
         self.execute(request).await
     }
 
+    /// POSTs a form; with `basic`, authenticates as RFC 6749 §2.3.1 client_secret_basic.
+    /// Returns the status code; the body (which may echo a token) is discarded.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> std::result::Result<u16, HttpError> {
+        let mut request = self.client.post(url).form(form);
+        if let Some((id, secret)) = basic {
+            // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+            let enc =
+                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            request = request.basic_auth(enc(id), Some(enc(secret)));
+        }
+        let response = self.execute(request.build().map_err(transport)?).await?;
+        Ok(response.status().as_u16())
+    }
+
     async fn execute(
         &self,
         request: reqwest::Request,

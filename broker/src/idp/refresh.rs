@@ -2,10 +2,10 @@
 
 use futures::future::BoxFuture;
 use kontext_broker_protocol::Secret;
-use openidconnect::core::{CoreClient, CoreErrorResponseType, CoreRevocableToken};
+use openidconnect::core::{CoreClient, CoreErrorResponseType};
 use openidconnect::{
     ClientId, ClientSecret, IssuerUrl, JsonWebKeySet, OAuth2TokenResponse, RefreshToken,
-    RequestTokenError, RevocationUrl, StandardErrorResponse, TokenType, TokenUrl,
+    RequestTokenError, StandardErrorResponse, TokenType, TokenUrl,
 };
 
 use super::{Http, Idp};
@@ -122,7 +122,11 @@ pub fn classify_error<RE: std::error::Error + 'static>(
     }
 }
 
-/// Revokes `record`'s refresh token at its revocation endpoint (RFC 7009).
+/// Revokes `record`'s refresh token at its revocation endpoint (RFC 7009 §2.1).
+///
+/// This is the one request built by hand: oauth2 5 refuses non-HTTPS revocation
+/// URLs, but the broker allows `http://` on loopback (development IdPs, tests).
+/// It is a single form POST, so one code path serves both and stays tested.
 pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
     let Some(endpoint) = &record.endpoints.revocation else {
         return Err(Error::Invalid(
@@ -132,14 +136,31 @@ pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
     let Some(refresh_token) = &record.refresh_token else {
         return Err(Error::Invalid("no refresh token to revoke".into()));
     };
-    let url = RevocationUrl::new(endpoint.clone())
-        .map_err(|e| Error::Invalid(format!("revocation endpoint URL: {e}")))?;
-    let client = base_client(record)?.set_revocation_url(url);
-    let token = CoreRevocableToken::from(RefreshToken::new(refresh_token.expose().to_owned()));
-    client
-        .revoke_token(token)
-        .map_err(|e| Error::Invalid(e.to_string()))?
-        .request_async(http)
+    super::validate_endpoint("revocation_endpoint", endpoint)?;
+    let mut form = vec![
+        ("token", refresh_token.expose()),
+        ("token_type_hint", "refresh_token"),
+    ];
+    let secret = record.client_secret.as_ref().map(|s| s.expose());
+    if secret.is_none() {
+        form.push(("client_id", &record.client_id));
+    }
+    let status = http
+        .post_form(
+            endpoint,
+            &form,
+            secret.map(|s| (record.client_id.as_str(), s)),
+        )
         .await
-        .map_err(|e| Error::IdpTransient(format!("revocation failed: {e}")))
+        .map_err(|e| Error::IdpTransient(format!("revocation failed: {e}")))?;
+    match status {
+        // RFC 7009 §2.2: 200 whether or not the token was valid.
+        200 => Ok(()),
+        503 | 500..=599 | 429 => Err(Error::IdpTransient(format!(
+            "revocation failed: HTTP {status}"
+        ))),
+        other => Err(Error::Invalid(format!(
+            "the IdP refused the revocation: HTTP {other}"
+        ))),
+    }
 }
