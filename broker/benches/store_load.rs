@@ -1,7 +1,5 @@
-//! Measurement, not a test: startup cost of loading 100 profiles with a file
-//! identity. Run with
-//! `cargo test -p kontext-broker --test store_timing -- --ignored --nocapture`
-//! (add `--release` for the optimised figure).
+//! Benchmark: startup cost of opening the store and loading 100 profiles with a
+//! file identity. Run with `cargo bench -p kontext-broker --bench store_load`.
 
 use std::time::{Duration, Instant};
 
@@ -37,9 +35,7 @@ fn record(i: usize) -> ProfileRecord {
     }
 }
 
-#[test]
-#[ignore = "measurement; run with --ignored --nocapture"]
-fn time_to_load_100_profiles() {
+fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let store = Store::open(&state, StoreOptions::default()).unwrap();
