@@ -345,3 +345,101 @@ async fn token_never_appears_in_debug_output() {
     let t = token(1, 60);
     assert!(!format!("{t:?}").contains("at-1"));
 }
+
+/// Child half of `peer_running_as_another_uid_is_refused`: when the test binary is
+/// re-executed with this variable set (already running as uid 65534), listen on
+/// the given path, accept one connection and report how many bytes arrived.
+#[test]
+fn foreign_peer_child() {
+    let Some(path) = std::env::var_os("KONTEXT_TEST_FOREIGN_PEER") else {
+        return; // Not the child: nothing to do.
+    };
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    println!("received {}", buf.len());
+}
+
+/// The socket file is ours, but the process listening on it runs as another
+/// uid: the client must refuse after `peer_cred`, before writing anything.
+#[tokio::test]
+async fn peer_running_as_another_uid_is_refused() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if kontext_broker_protocol::paths::euid() != 0 {
+        println!("skipped: starting a peer under another uid needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The child (uid 65534) must be able to create its socket here.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = dir.path().join("planted.sock");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "foreign_peer_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KONTEXT_TEST_FOREIGN_PEER", &path)
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        child.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    /// Kills the child on every exit path, so a failing test cannot hang.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(child.spawn().unwrap());
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut next_line_with = async |needle: &str| loop {
+        let line = tokio::time::timeout(NET, lines.recv())
+            .await
+            .expect("child is silent")
+            .expect("child exited early");
+        // The harness prints "test foreign_peer_child ... " before our output.
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    next_line_with("ready").await;
+    // Make the planted socket look like ours; only the peer check can catch it.
+    std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+    let err = BrokerClient::connect_to(&path).await.unwrap_err();
+    match &err {
+        Error::PeerRejected { reason, .. } => {
+            assert!(reason.contains("runs as uid 65534"), "{reason}")
+        }
+        other => panic!("expected PeerRejected, got {other:?}"),
+    }
+    let line = next_line_with("received").await;
+    assert!(line.ends_with("received 0"), "nothing may be sent: {line}");
+    drop(child);
+}

@@ -420,3 +420,88 @@ async fn import_without_refresh_token_sends_nothing() {
     assert_eq!(f.code, exit::OTHER);
     assert!(f.message.contains("no refresh_token"));
 }
+
+/// A mock that answers one `Watch` with `Watching`, pushes `events`, then hangs up.
+async fn watch_mock(events: Vec<WatchEvent>) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (r, w) = s.into_split();
+        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+        let Ok(Some(ClientMessage::Hello(_))) = r.read_message::<ClientMessage>().await else {
+            return;
+        };
+        w.write_message(&ServerMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            broker_version: "mock".into(),
+            pid: 1,
+        }))
+        .await
+        .unwrap();
+        let Ok(Some(ClientMessage::Request(f))) = r.read_message::<ClientMessage>().await else {
+            return;
+        };
+        assert!(matches!(f.request, Request::Watch { ref profile } if profile == "work"));
+        w.write_message(&ServerMessage::Response(ResponseFrame {
+            id: f.id,
+            result: Ok(Response::Watching),
+        }))
+        .await
+        .unwrap();
+        for event in events {
+            w.write_message(&ServerMessage::Event { id: f.id, event })
+                .await
+                .unwrap();
+        }
+        // Dropping both halves closes the connection.
+    });
+    (dir, path)
+}
+
+#[tokio::test]
+async fn watch_json_streams_lines_then_exits_3_when_the_broker_goes() {
+    let (_d, path) = watch_mock(vec![
+        WatchEvent::Token {
+            profile: "work".into(),
+            token: Token {
+                access_token: "SECRET-AT".into(),
+                token_type: "Bearer".into(),
+                expires_at: 1_700_000_000,
+                issued_at: 1_699_999_000,
+                generation: 9,
+                scopes: vec![],
+            },
+        },
+        WatchEvent::ReauthRequired {
+            profile: "work".into(),
+            message: "log in".into(),
+        },
+    ])
+    .await;
+    let p = path.to_str().unwrap();
+    let (r, out) = run_args(
+        &[
+            "broker-ctl",
+            "--socket",
+            p,
+            "watch",
+            "--profile",
+            "work",
+            "--json",
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(r.unwrap_err().code, exit::UNREACHABLE);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0]["event"], "token");
+    assert_eq!(lines[0]["generation"], 9);
+    assert_eq!(lines[1]["event"], "reauth_required");
+    assert!(!out.contains("SECRET"));
+}
