@@ -125,21 +125,30 @@ async fn serve(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("stopping: no new connections");
 
-    if tokio::time::timeout(HANDLER_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            tasks = tracker.len(),
-            "connections still busy after the grace period; closing them"
-        );
-    }
-    if tokio::time::timeout_at(deadline, service.drain())
-        .await
-        .is_err()
-    {
-        warn!("in-flight work did not finish before the shutdown deadline");
-    }
+    // Engines stop first (each finishes and saves its running refresh, and starts
+    // no new one), alongside the grace period for connections. Draining only
+    // after the grace would let a proactive refresh start late and be cut off
+    // after the IdP rotated the token: a lost refresh token.
+    let engines = async {
+        if tokio::time::timeout_at(deadline, service.drain())
+            .await
+            .is_err()
+        {
+            warn!("a refresh did not finish before the shutdown deadline");
+        }
+    };
+    let connections = async {
+        if tokio::time::timeout(HANDLER_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = tracker.len(),
+                "connections still busy after the grace period; closing them"
+            );
+        }
+    };
+    tokio::join!(engines, connections);
     Ok(())
 }
 

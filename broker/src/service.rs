@@ -93,6 +93,9 @@ enum Entry {
     Locked,
     /// The profile file could not be loaded.
     Failed { error: String },
+    /// Logged out (or being logged out). The slot stays so watchers keep their
+    /// subscription and see the next login of this name.
+    Absent,
 }
 
 impl Slot {
@@ -180,21 +183,20 @@ impl Service {
             Request::GetToken {
                 profile,
                 min_valid_secs,
-            } => self
-                .engine(&profile)?
-                .get_token(min_valid_secs)
-                .await
-                .map(Response::Token),
+            } => {
+                let result = self.engine(&profile)?.get_token(min_valid_secs).await;
+                self.explain_gone(&profile, result).map(Response::Token)
+            }
             Request::Invalidate {
                 profile,
                 generation,
-            } => self
-                .engine(&profile)?
-                .invalidate(generation)
-                .await
-                .map(Response::Token),
+            } => {
+                let result = self.engine(&profile)?.invalidate(generation).await;
+                self.explain_gone(&profile, result).map(Response::Token)
+            }
             Request::Refresh { profile } => {
-                self.engine(&profile)?.refresh().await.map(Response::Token)
+                let result = self.engine(&profile)?.refresh().await;
+                self.explain_gone(&profile, result).map(Response::Token)
             }
             Request::Status => Ok(Response::Status(self.status())),
             Request::Import(import) => self.import(import).await.map(Response::Imported),
@@ -216,7 +218,8 @@ impl Service {
     }
 
     /// Subscribes to `profile`'s tokens and state changes. The stream starts with
-    /// the current state and ends after the profile is removed.
+    /// the current state and lives on through logout and a later login of the
+    /// same name, so a long-running watcher never has to notice either.
     pub fn watch(&self, profile: &str) -> Result<WatchStream, BrokerError> {
         let (initial, rx) = {
             let profiles = self.lock_profiles();
@@ -232,7 +235,6 @@ impl Service {
             async move {
                 let mut rx = rx?;
                 match rx.recv().await {
-                    Ok(event @ WatchEvent::Removed { .. }) => Some((vec![event], None)),
                     Ok(event) => Some((vec![event], Some(rx))),
                     // Too slow for the backlog: send where things stand now.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -273,7 +275,25 @@ impl Service {
             Some(Entry::Failed { error }) => Err(BrokerError::internal(format!(
                 "profile `{profile}` is unusable: {error}"
             ))),
-            None => Err(unknown(profile)),
+            Some(Entry::Absent) | None => Err(unknown(profile)),
+        }
+    }
+
+    /// An engine that stopped under a request (lock, logout, shutdown) answers
+    /// "unknown profile"; say what really happened instead.
+    fn explain_gone<T>(
+        &self,
+        profile: &str,
+        result: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        match result {
+            Err(BrokerError::UnknownProfile { .. }) => match self.engine(profile) {
+                Err(now) => Err(now),
+                Ok(_) => Err(BrokerError::internal(
+                    "the profile's engine stopped during the request (shutdown or re-login); retry",
+                )),
+            },
+            other => other,
         }
     }
 
@@ -289,6 +309,11 @@ impl Service {
             Entry::Engine(engine) => return engine.current_events(),
             Entry::Locked => ProfileState::Locked,
             Entry::Failed { .. } => ProfileState::Error,
+            Entry::Absent => {
+                return vec![WatchEvent::Removed {
+                    profile: profile.to_owned(),
+                }]
+            }
         };
         vec![WatchEvent::State {
             profile: profile.to_owned(),
@@ -318,6 +343,13 @@ impl Service {
         .map_err(|e| Error::io("loading profiles", std::io::Error::other(e)))??;
         let mut profiles = self.lock_profiles();
         for (name, record) in loaded {
+            if matches!(
+                profiles.get(&name).map(|s| &s.entry),
+                Some(Entry::Engine(_))
+            ) {
+                // Imported meanwhile; that engine is newer than the file we read.
+                continue;
+            }
             let entry = match record {
                 Ok(record) => Entry::Engine(Arc::new(engine::spawn(
                     record,
@@ -357,12 +389,13 @@ impl Service {
         let profiles = self
             .lock_profiles()
             .iter()
-            .map(|(name, slot)| match &slot.entry {
-                Entry::Engine(engine) => engine.status(),
-                Entry::Locked => bare_status(name, ProfileState::Locked, None),
+            .filter_map(|(name, slot)| match &slot.entry {
+                Entry::Engine(engine) => Some(engine.status()),
+                Entry::Locked => Some(bare_status(name, ProfileState::Locked, None)),
                 Entry::Failed { error } => {
-                    bare_status(name, ProfileState::Error, Some(error.clone()))
+                    Some(bare_status(name, ProfileState::Error, Some(error.clone())))
                 }
+                Entry::Absent => None,
             })
             .collect();
         StatusReport {
@@ -461,15 +494,21 @@ impl Service {
 
     async fn logout(&self, profile: &str, revoke: bool) -> Result<Response, BrokerError> {
         let _admin = self.inner.admin.lock().await;
-        let engine = match self.lock_profiles().get(profile).map(|s| &s.entry) {
-            None => return Err(unknown(profile)),
-            Some(Entry::Locked) => return Err(BrokerError::Locked),
-            Some(Entry::Engine(engine)) => Some(engine.clone()),
-            Some(Entry::Failed { .. }) => None,
+        // Hide the profile first, so nothing is served while it is revoked.
+        let previous = {
+            let mut profiles = self.lock_profiles();
+            let slot = profiles.get_mut(profile).ok_or_else(|| unknown(profile))?;
+            match &slot.entry {
+                Entry::Locked => return Err(BrokerError::Locked),
+                Entry::Absent => return Err(unknown(profile)),
+                Entry::Engine(_) | Entry::Failed { .. } => {
+                    std::mem::replace(&mut slot.entry, Entry::Absent)
+                }
+            }
         };
-        let record = match engine {
-            Some(engine) => engine.stop().await,
-            None => None,
+        let record = match &previous {
+            Entry::Engine(engine) => engine.stop().await,
+            _ => None,
         };
         let (revoked, revoke_error) = match (&record, revoke) {
             (_, false) => (false, Some("revocation skipped (--no-revoke)".to_owned())),
@@ -494,11 +533,24 @@ impl Service {
         let deleted = tokio::task::spawn_blocking(move || store.delete(&name))
             .await
             .map_err(|e| BrokerError::internal(e.to_string()))?;
-        match deleted {
-            Ok(()) | Err(Error::UnknownProfile(_)) => {}
-            Err(e) => return Err(e.to_wire()),
+        if let Err(e) = deleted {
+            if !matches!(e, Error::UnknownProfile(_)) {
+                // The file is still there: bring the profile back as it was.
+                let mut profiles = self.lock_profiles();
+                if let Some(slot) = profiles.get_mut(profile) {
+                    slot.entry = match record {
+                        Some(record) => Entry::Engine(Arc::new(engine::spawn(
+                            record,
+                            self.inner.deps.clone(),
+                            slot.events.clone(),
+                        ))),
+                        None => previous,
+                    };
+                }
+                return Err(e.to_wire());
+            }
         }
-        if let Some(slot) = self.lock_profiles().remove(profile) {
+        if let Some(slot) = self.lock_profiles().get(profile) {
             let _ = slot.events.send(WatchEvent::Removed {
                 profile: profile.to_owned(),
             });
@@ -511,6 +563,9 @@ impl Service {
     }
 
     async fn unlock(&self, passphrase: Secret) -> Result<(), BrokerError> {
+        // The throttle's penalty must not hold the admin lock (it would stall
+        // imports and logouts). An import that slips in before the load below is
+        // safe: `load_profiles` never replaces a running engine.
         self.inner
             .throttle
             .unlock(self.inner.store.clone(), passphrase)
@@ -598,7 +653,11 @@ pub fn record_from_response(
     now_secs: u64,
 ) -> ProfileRecord {
     let granted = response.scopes();
-    let lifetime = response.expires_in.unwrap_or(IMPORT_FALLBACK_LIFETIME_SECS);
+    // 0 is allowed (an already expired token: the first request refreshes it).
+    let lifetime = response
+        .expires_in
+        .unwrap_or(IMPORT_FALLBACK_LIFETIME_SECS)
+        .min(engine::policy::MAX_LIFETIME_SECS);
     let subject = response
         .id_token
         .as_deref()

@@ -238,6 +238,14 @@ async fn logout_revokes_at_the_provider_deletes_the_file_and_tells_watchers() {
         &minted,
     )
     .await;
+    // The same watcher, still subscribed, sees the new login.
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(Ok(WatchEvent::Token { .. }))),
+        "{next:?}"
+    );
     let out = broker_ctl(broker.socket(), &["logout", "--no-revoke"]).await;
     assert!(out.status.success());
     assert!(

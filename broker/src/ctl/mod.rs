@@ -218,6 +218,9 @@ fn profile_name(s: &str) -> Result<String, String> {
 
 /// Entry point of the `broker-ctl` binary.
 pub fn main() -> ExitCode {
+    // broker-ctl handles passphrases, token responses and access tokens too:
+    // no core dumps, no ptrace by other processes of this user.
+    let _ = crate::hardening::harden_process();
     let cli = Cli::parse(); // exits 2 on usage errors
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -258,9 +261,16 @@ async fn connect(cli_socket: Option<&std::path::Path>) -> Result<BrokerClient, F
     Ok(BrokerClient::builder()
         .socket(paths::socket_path(cli_socket))
         .client_name("broker-ctl")
+        // Admin requests can outlast a token request: a logout may wait for a
+        // running refresh and then revoke (15 s each); an import discovers with
+        // up to two 15 s calls.
+        .request_timeout(ADMIN_REQUEST_TIMEOUT)
         .connect()
         .await?)
 }
+
+/// Per-request timeout of broker-ctl: above the broker's worst case for any request.
+const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 
 /// Runs one parsed command, reading stdin (for `import`) and writing data to `out`.
 pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<(), Failure> {

@@ -8,7 +8,13 @@ use serde_json::{json, Value};
 
 /// Unix seconds as RFC 3339 UTC with second precision.
 pub fn rfc3339(unix_secs: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix_secs)).to_string()
+    use std::fmt::Write;
+    // humantime cannot format years past 9999; never panic on a lying IdP's expiry.
+    let mut out = String::new();
+    match UNIX_EPOCH.checked_add(Duration::from_secs(unix_secs)) {
+        Some(t) if write!(out, "{}", humantime::format_rfc3339_seconds(t)).is_ok() => out,
+        _ => "9999-12-31T23:59:59Z".to_owned(),
+    }
 }
 
 fn opt_time(t: Option<u64>) -> Value {

@@ -21,6 +21,10 @@ use crate::store::{ProfileRecord, StoredAccessToken};
 /// better. Short on purpose: a wrong guess costs one early refresh, not a 401 storm.
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
 
+/// Proactive refreshes never follow each other closer than this, whatever
+/// lifetime the IdP claims (a lying `expires_in` must not become a busy loop).
+const MIN_PROACTIVE_GAP_MS: u64 = 1000;
+
 /// Commands queued per engine before senders wait.
 const QUEUE: usize = 256;
 
@@ -50,6 +54,7 @@ pub fn spawn(
         phase,
         jitter_draw: rand::random(),
         issued_ms: 0,
+        last_job_ms: 0,
         backoff,
         counters: Counters::default(),
         deps: deps.clone(),
@@ -154,6 +159,8 @@ struct Actor {
     jitter_draw: f64,
     /// Precise time the current token was requested; its `issued_at` is floored.
     issued_ms: u64,
+    /// When the last job finished (ms), to space proactive refreshes.
+    last_job_ms: u64,
     backoff: Backoff,
     counters: Counters,
     deps: EngineDeps,
@@ -341,7 +348,8 @@ impl Actor {
         if !self.durable {
             return Some(self.begin(Vec::new()));
         }
-        let due = self.refresh_due_ms().is_some_and(|due| now >= due);
+        let due = self.refresh_due_ms().is_some_and(|due| now >= due)
+            && now >= self.last_job_ms + MIN_PROACTIVE_GAP_MS;
         (due && self.in_use(now)).then(|| self.begin(Vec::new()))
     }
 
@@ -373,8 +381,12 @@ impl Actor {
         let target = match self.phase {
             Phase::Backoff { until_ms } => Some(until_ms),
             Phase::Idle => {
-                let expiry = self.record.token().map(|t| t.expires_at * 1000);
-                [self.refresh_due_ms(), expiry]
+                let expiry = self
+                    .record
+                    .token()
+                    .map(|t| t.expires_at.saturating_mul(1000));
+                let spacing = Some(self.last_job_ms + MIN_PROACTIVE_GAP_MS);
+                [self.refresh_due_ms(), expiry, spacing]
                     .into_iter()
                     .flatten()
                     .filter(|&t| t > now)
@@ -430,6 +442,7 @@ impl Actor {
     fn finish(&mut self, result: JobResult) {
         let waiters = self.take_waiters();
         let now = self.now();
+        self.last_job_ms = now;
         let answer: Result<Token, BrokerError> = match result {
             JobResult::Refreshed {
                 record,
@@ -689,7 +702,9 @@ fn apply(mut record: ProfileRecord, refreshed: Refreshed, now_secs: u64) -> Prof
                 .min(FALLBACK_LIFETIME.as_secs())
         },
         |d| d.as_secs(),
-    );
+    )
+    // Never believe a token lives under a second or over ten years.
+    .clamp(1, policy::MAX_LIFETIME_SECS);
     let scopes = refreshed.scopes.unwrap_or_else(|| {
         record
             .access_token

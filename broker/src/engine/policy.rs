@@ -8,9 +8,17 @@ use kontext_broker_protocol::Token;
 
 const MS: u64 = 1000;
 
+/// Longest access-token lifetime believed, in seconds (ten years). Larger
+/// `expires_in` values are clamped, so no deadline arithmetic can overflow.
+pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Lifetime of a token in milliseconds (at least 1 ms, so ratios stay defined).
 pub fn lifetime_ms(token: &Token) -> u64 {
-    (token.expires_at.saturating_sub(token.issued_at) * MS).max(1)
+    (token
+        .expires_at
+        .saturating_sub(token.issued_at)
+        .saturating_mul(MS))
+    .max(1)
 }
 
 /// Safety margin: min(30 s, lifetime / 10).
@@ -32,13 +40,13 @@ pub fn need_ms(token: &Token, min_valid_secs: u64) -> u64 {
 
 /// True when `token` may be served to a caller asking for `min_valid_secs` at `now_ms`.
 pub fn serves(token: &Token, now_ms: u64, min_valid_secs: u64) -> bool {
-    let remaining = (token.expires_at * MS).saturating_sub(now_ms);
+    let remaining = token.expires_at.saturating_mul(MS).saturating_sub(now_ms);
     remaining > 0 && remaining >= need_ms(token, min_valid_secs)
 }
 
 /// True when `token` has not expired at `now_ms`.
 pub fn unexpired(token: &Token, now_ms: u64) -> bool {
-    token.expires_at * MS > now_ms
+    token.expires_at.saturating_mul(MS) > now_ms
 }
 
 /// Proactive refresh deadline: `issued + refresh_at × lifetime`, moved earlier by
@@ -58,8 +66,13 @@ pub fn refresh_due_ms(
 ) -> u64 {
     let lifetime = lifetime_ms(token) as f64;
     let offset = lifetime * (refresh_at - jitter * jitter_draw.clamp(0.0, 1.0));
-    let latest = (token.expires_at * MS).saturating_sub(margin_ms(token));
-    (issued_ms.max(token.issued_at * MS) + offset.max(0.0) as u64).min(latest)
+    let latest = token
+        .expires_at
+        .saturating_mul(MS)
+        .saturating_sub(margin_ms(token));
+    (issued_ms.max(token.issued_at.saturating_mul(MS)))
+        .saturating_add(offset.max(0.0) as u64)
+        .min(latest)
 }
 
 /// Retry delays after transient failures: exponential from `initial`, doubling,

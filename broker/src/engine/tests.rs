@@ -559,3 +559,31 @@ async fn debug_output_never_contains_tokens() {
         assert!(!text.contains("at-0") && !text.contains("rt-0"), "{text}");
     }
 }
+
+#[tokio::test]
+async fn a_lying_zero_lifetime_never_becomes_a_busy_loop() {
+    let rig = fresh_rig();
+    for n in 0..100 {
+        rig.idp.push(Ok(Refreshed {
+            access_token: Secret::new(format!("at-z{n}")),
+            token_type: "Bearer".into(),
+            expires_in: Some(Duration::ZERO),
+            refresh_token: Some(Secret::new(format!("rt-z{n}"))),
+            scopes: None,
+        }));
+    }
+    let (_, _watcher) = rig.engine.subscribe(); // in use: proactive refresh on
+    rig.engine.refresh().await.unwrap();
+    // Five seconds of fake time in small steps, letting the actor run each time.
+    for _ in 0..50 {
+        rig.clock.advance(Duration::from_millis(100));
+        tokio::task::yield_now().await;
+        rig.wait_phase(|p| p != PhaseKind::Busy).await;
+    }
+    rig.idp.wait_calls(3).await;
+    // One forced call, then at most one proactive refresh per second.
+    assert!(rig.idp.calls() <= 1 + 5, "{} calls in 5 s", rig.idp.calls());
+    // Each token was believed to live one second, not zero.
+    let saved = rig.store.last().access_token.unwrap();
+    assert_eq!(saved.expires_at - saved.issued_at, 1);
+}

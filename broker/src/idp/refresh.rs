@@ -57,7 +57,20 @@ async fn refresh_grant(
         // RFC 8707 resource indicator.
         request = request.add_extra_param("resource", audience.clone());
     }
-    let response = request.request_async(http).await.map_err(classify_error)?;
+    let response = match request.request_async(http).await {
+        Ok(response) => response,
+        Err(RequestTokenError::Parse(e, mut body)) => {
+            // oauth2's parser is strict (e.g. `expires_in` must be a number). The
+            // IdP may already have rotated the refresh token, so throwing this
+            // answer away would cost the user a login: read it leniently.
+            let rescued = rescue(&body);
+            zeroize::Zeroize::zeroize(&mut body);
+            return rescued.ok_or_else(|| {
+                RefreshError::Transient(format!("unreadable token response (at `{}`)", e.path()))
+            });
+        }
+        Err(e) => return Err(classify_error(e)),
+    };
     Ok(Refreshed {
         access_token: Secret::new(response.access_token().secret().clone()),
         token_type: token_type_name(response.token_type()),
@@ -68,6 +81,21 @@ async fn refresh_grant(
         scopes: response
             .scopes()
             .map(|s| s.iter().map(|scope| scope.to_string()).collect()),
+    })
+}
+
+/// A token response that oauth2 could not parse, read with the broker's own
+/// lenient parser. `None` unless it has an access token.
+fn rescue(body: &[u8]) -> Option<Refreshed> {
+    let text = std::str::from_utf8(body).ok()?;
+    let response = super::TokenResponse::parse(text).ok()?;
+    let scopes = response.scopes();
+    Some(Refreshed {
+        access_token: response.access_token,
+        token_type: response.token_type,
+        expires_in: response.expires_in.map(std::time::Duration::from_secs),
+        refresh_token: response.refresh_token,
+        scopes,
     })
 }
 
@@ -93,8 +121,9 @@ pub fn classify_error<RE: std::error::Error + 'static>(
             let code = response.error();
             let mut detail = code.to_string();
             if let Some(description) = response.error_description() {
+                // IdP text reaches logs and terminals: no control characters.
                 detail.push_str(": ");
-                detail.extend(description.chars().take(200));
+                detail.push_str(&crate::login::sanitize(description));
             }
             match code {
                 CoreErrorResponseType::InvalidGrant
@@ -162,5 +191,22 @@ pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
         other => Err(Error::Invalid(format!(
             "the IdP refused the revocation: HTTP {other}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_oauth2_refuses_is_rescued_when_it_is_readable() {
+        let body = br#"{"access_token":"AT","token_type":"bearer","expires_in":"3599","refresh_token":"RT2","scope":"openid"}"#;
+        let r = rescue(body).expect("readable");
+        assert_eq!(r.access_token.expose(), "AT");
+        assert_eq!(r.expires_in, Some(std::time::Duration::from_secs(3599)));
+        assert_eq!(r.refresh_token.unwrap().expose(), "RT2");
+        assert_eq!(r.scopes.unwrap(), ["openid"]);
+        assert!(rescue(b"<html>502</html>").is_none());
+        assert!(rescue(br#"{"error":"invalid_grant"}"#).is_none());
     }
 }
