@@ -195,12 +195,13 @@ async fn listener_ignores_other_paths_and_methods() {
 }
 
 #[tokio::test]
-async fn wrong_state_is_rejected_and_no_tokens_are_requested() {
+async fn a_wrong_state_is_refused_and_the_real_callback_still_completes() {
     let idp = OidcProvider::start(60).await;
     let (task, auth_url) = start(options(&idp, PUBLIC_CLIENT_ID)).await;
     let port = listener_port(&auth_url);
-    let mut callback = complete_login(auth_url.as_str()).await.unwrap();
-    let pairs: Vec<(String, String)> = callback
+    let genuine = complete_login(auth_url.as_str()).await.unwrap();
+    let mut forged = genuine.clone();
+    let pairs: Vec<(String, String)> = genuine
         .query_pairs()
         .map(|(k, v)| {
             let v = if k == "state" {
@@ -211,14 +212,20 @@ async fn wrong_state_is_rejected_and_no_tokens_are_requested() {
             (k.into_owned(), v)
         })
         .collect();
-    callback.query_pairs_mut().clear().extend_pairs(&pairs);
-    let code = param(&callback, "code").expect("a code");
+    forged.query_pairs_mut().clear().extend_pairs(&pairs);
 
-    let page = http_client().get(callback).send().await.unwrap();
+    // A forged callback is refused, and cannot end the login.
+    let page = http_client().get(forged.clone()).send().await.unwrap();
     assert_eq!(page.status(), 400);
-    let err = finish(task).await.unwrap_err();
-    assert!(matches!(err, LoginError::StateMismatch), "{err:?}");
-    assert!(!err.to_string().contains(&code), "{err}");
+    assert!(!task.is_finished(), "a wrong state must not end the login");
+    let page = http_client().get(forged).send().await.unwrap();
+    assert_eq!(page.status(), 400);
+
+    // The browser's real redirect still completes it.
+    let page = http_client().get(genuine).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let outcome = finish(task).await.expect("login completes");
+    assert!(outcome.token_response.expose().contains("refresh_token"));
     assert!(port_closed(port).await);
 }
 

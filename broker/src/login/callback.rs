@@ -57,7 +57,9 @@ impl CallbackListener {
 
     /// Waits for the callback and returns its authorization code.
     ///
-    /// Fails on a missing or wrong `state` ([`LoginError::StateMismatch`]), an
+    /// A callback with a missing or wrong `state` is answered 400 and ignored: it
+    /// cannot be our browser's (state is unguessable), and letting it end the
+    /// login would let any local process cancel it. Fails on an
     /// `iss` other than `issuer` (RFC 9207), an `error` parameter
     /// ([`LoginError::Denied`]) or a missing `code`. Either way the browser gets
     /// a short page saying what happened.
@@ -80,6 +82,12 @@ impl CallbackListener {
                     let Request::Callback(params) = request else { continue };
                     let outcome = evaluate(&params, state, issuer);
                     respond_to_callback(stream, &outcome).await;
+                    if matches!(outcome, Err(LoginError::StateMismatch)) {
+                        // Not our browser's answer: any local process can reach this
+                        // port, so a forged callback must not be able to end the
+                        // login. Refuse it and keep waiting for the real one.
+                        continue;
+                    }
                     return outcome;
                 }
             }
