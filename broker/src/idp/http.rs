@@ -117,14 +117,19 @@ impl Http {
 
 fn transport(e: reqwest::Error) -> HttpError {
     // reqwest's Display names the URL but never a body, so it is safe to keep.
+    HttpError::Transport(error_chain(&e))
+}
+
+/// An error and all its sources, joined with ": " (the causes say what really failed).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
         text.push_str(": ");
         text.push_str(&s.to_string());
         source = s.source();
     }
-    HttpError::Transport(text)
+    text
 }
 
 impl<'c> openidconnect::AsyncHttpClient<'c> for Http {

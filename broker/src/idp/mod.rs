@@ -14,6 +14,7 @@ mod token_response;
 use std::time::Duration;
 
 pub use discovery::discover;
+pub(crate) use http::error_chain;
 pub use http::Http;
 pub use issuer::{is_loopback_http, validate_endpoint, validate_issuer};
 pub use refresh::{classify_error, revoke};

@@ -133,14 +133,7 @@ pub fn classify_error<RE: std::error::Error + 'static>(
             }
         }
         RequestTokenError::Request(e) => {
-            let mut text = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            RefreshError::Transient(format!("request failed: {text}"))
+            RefreshError::Transient(format!("request failed: {}", super::http::error_chain(&e)))
         }
         RequestTokenError::Parse(e, _body) => {
             RefreshError::Transient(format!("unreadable token response (at `{}`)", e.path()))

@@ -451,14 +451,7 @@ pub(crate) fn request_failure<RE: std::error::Error + 'static, TE: openidconnect
             LoginError::Token("unexpected error response".into())
         }
         RequestTokenError::Request(e) => {
-            let mut text = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            LoginError::IdpUnavailable(format!("request failed: {text}"))
+            LoginError::IdpUnavailable(format!("request failed: {}", crate::idp::error_chain(&e)))
         }
         RequestTokenError::Parse(e, _body) => {
             LoginError::Token(format!("unreadable response (at `{}`)", e.path()))

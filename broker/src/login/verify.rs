@@ -84,7 +84,8 @@ pub fn verify_id_token(
         Some(expected) => token.claims(&verifier, &Nonce::new(expected.to_owned())),
         None => token.claims(&verifier, |_: Option<&Nonce>| Ok(())),
     };
-    let claims = verified.map_err(|e| LoginError::IdToken(sanitize(&error_chain(&e))))?;
+    let claims =
+        verified.map_err(|e| LoginError::IdToken(sanitize(&crate::idp::error_chain(&e))))?;
     Ok(Some(
         claims
             .email()
@@ -103,15 +104,4 @@ fn unverified_issuer(raw: &str) -> Option<String> {
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     claims.get("iss")?.as_str().map(str::to_owned)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
