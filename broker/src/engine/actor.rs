@@ -342,6 +342,11 @@ impl Actor {
     fn on_wake(&mut self) -> Option<Job> {
         let now = self.now();
         self.end_backoff_if_due();
+        if matches!(self.phase, Phase::ReauthRequired) && !self.durable {
+            // Deleting the dead refresh token failed: keep trying, or the next
+            // start would present it to the IdP again.
+            return Some(self.begin(Vec::new()));
+        }
         if !matches!(self.phase, Phase::Idle) {
             return None;
         }
@@ -509,6 +514,12 @@ impl Actor {
     /// Common tail of a refresh or save: serve the token only once it is durable.
     fn after_save(&mut self, saved: Result<(), String>) -> Result<Token, BrokerError> {
         match saved {
+            Ok(()) if self.record.refresh_token.is_none() => {
+                // The saved record is a dead grant's: reauth stays terminal.
+                self.durable = true;
+                self.phase = Phase::ReauthRequired;
+                Err(self.reauth_error())
+            }
             Ok(()) => {
                 self.durable = true;
                 self.backoff.reset();

@@ -587,3 +587,36 @@ async fn a_lying_zero_lifetime_never_becomes_a_busy_loop() {
     let saved = rig.store.last().access_token.unwrap();
     assert_eq!(saved.expires_at - saved.issued_at, 1);
 }
+
+#[tokio::test]
+async fn a_failed_delete_of_the_dead_refresh_token_is_retried_and_reauth_stays() {
+    let rig = fresh_rig();
+    rig.store.fail.store(true, Ordering::SeqCst);
+    rig.idp
+        .push(Err(RefreshError::Rejected("invalid_grant".into())));
+    let err = rig.engine.refresh().await.unwrap_err();
+    assert!(matches!(err, BrokerError::ReauthRequired { .. }), "{err:?}");
+    assert!(
+        rig.store.saved.lock().unwrap().is_empty(),
+        "the delete failed"
+    );
+    rig.store.fail.store(false, Ordering::SeqCst);
+    // Retried after the backoff, without calling the IdP.
+    for _ in 0..5 {
+        rig.clock.advance(Duration::from_secs(1));
+        tokio::task::yield_now().await;
+    }
+    timeout(SAFETY, async {
+        while rig.store.saved.lock().unwrap().is_empty() {
+            rig.clock.advance(Duration::from_millis(100));
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the dead token's deletion is retried");
+    assert!(rig.store.last().refresh_token.is_none());
+    assert_eq!(rig.idp.calls(), 1);
+    let err = rig.engine.get_token(0).await.unwrap_err();
+    assert!(matches!(err, BrokerError::ReauthRequired { .. }), "{err:?}");
+    assert_eq!(rig.idp.calls(), 1);
+}
