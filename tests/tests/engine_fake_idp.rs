@@ -399,3 +399,49 @@ async fn a_slow_request_never_blocks_another_on_the_same_connection() {
     drop(hold);
     assert_eq!(slow.await.unwrap().unwrap().generation, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rfc8414_only_issuer_is_discovered_and_refreshed() {
+    // The kontext backend serves only /.well-known/oauth-authorization-server.
+    let idp = FakeIdp::start(FakeIdpConfig {
+        discovery: kontext_broker_tests::fake_idp::Discovery::Rfc8414Only,
+        ..FakeIdpConfig::default()
+    })
+    .await;
+    let broker = broker();
+    let client = connect(broker.socket()).await;
+    import(
+        &client,
+        PROFILE,
+        &idp.issuer(),
+        idp.client_id(),
+        &expired(idp.mint()),
+    )
+    .await;
+    let token = client.get_token(PROFILE, Duration::ZERO).await.unwrap();
+    assert_eq!(token.generation, 2);
+    assert!(idp.access_token_valid(token.access_token.expose()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_client_also_means_reauth() {
+    let idp = fake().await;
+    let broker = broker();
+    let client = connect(broker.socket()).await;
+    import(
+        &client,
+        PROFILE,
+        &idp.issuer(),
+        idp.client_id(),
+        &expired(idp.mint()),
+    )
+    .await;
+    idp.push_failure(Failure::InvalidClient);
+    let err = client.get_token(PROFILE, Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, Error::ReauthRequired { .. }), "{err:?}");
+    assert!(matches!(
+        client.refresh(PROFILE).await,
+        Err(Error::ReauthRequired { .. })
+    ));
+    assert_eq!(idp.token_calls(), 1);
+}
