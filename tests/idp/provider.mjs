@@ -12,6 +12,9 @@
 //      CONFIDENTIAL_CLIENT_SECRET (default: a fixed test value);
 //    - prints exactly one line `READY http://127.0.0.1:PORT` on stdout once listening;
 //    - exits when its stdin closes, so a killed test run leaves no orphan behind.
+//  Test-only routes: `POST /test/mint` (a grant without login), `GET /test/stats`
+//  (`{ refresh_token_grants, refresh_token_grant_errors }` seen by this process) and
+//  `POST /test/delete-access-token` (form `token`: that access token alone dies).
 // =====================================================================================
 
 import http from 'node:http';
@@ -119,7 +122,23 @@ const provider = new Provider(issuer, {
 provider.on('server_error', (_ctx, err) => {
   console.error('oidc-provider server_error:', err);
 });
-provider.on('grant.error', (_ctx, err) => {
+// TEST-ONLY instrumentation, served at `GET /test/stats`: what the token
+// endpoint saw, so tests can count refreshes at the IdP itself rather than trust
+// the broker's own counters. Counters start at zero in every provider process.
+const stats = {
+  // Every `grant_type=refresh_token` request that reached the grant handler.
+  refresh_token_grants: 0,
+  refresh_token_grant_errors: 0,
+};
+provider.on('grant.success', (ctx) => {
+  if (ctx.oidc?.params?.grant_type === 'refresh_token') stats.refresh_token_grants += 1;
+});
+
+provider.on('grant.error', (ctx, err) => {
+  if (ctx.oidc?.params?.grant_type === 'refresh_token') {
+    stats.refresh_token_grants += 1;
+    stats.refresh_token_grant_errors += 1;
+  }
   // Polling answers of the device flow are not errors worth a line.
   if (err.error === 'authorization_pending' || err.error === 'slow_down') return;
   console.error(`oidc-provider grant.error: ${err.error}: ${err.error_detail ?? err.error_description}`);
@@ -154,6 +173,39 @@ async function readBody(req) {
   }
   return Object.fromEntries(new URLSearchParams(raw));
 }
+
+// TEST-ONLY: the counters above, as JSON.
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/test/stats') {
+    await next();
+    return;
+  }
+  ctx.set('Cache-Control', 'no-store');
+  ctx.body = stats;
+});
+
+// TEST-ONLY: delete one access token and nothing else, as Hydra deletes the old
+// access token when it rotates. (RFC 7009 revocation here would not do: this
+// provider's revocation of an access token also revokes every token of its
+// grant, the refresh token included.) Answers 204, or 404 for an unknown token.
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/test/delete-access-token') {
+    await next();
+    return;
+  }
+  if (ctx.method !== 'POST') {
+    ctx.status = 405;
+    return;
+  }
+  const params = await readBody(ctx.req);
+  const token = await provider.AccessToken.find(String(params.token ?? ''));
+  if (!token) {
+    ctx.status = 404;
+    return;
+  }
+  await token.destroy();
+  ctx.status = 204;
+});
 
 // TEST-ONLY: mint a grant with an access token and a refresh token, without any
 // login, and answer with an RFC 6749 §5.1 token response (plus an ID token
