@@ -72,7 +72,9 @@ async fn every_source_gets_every_refreshed_token_pushed() {
         wait_generation(s, imported.generation).await;
     }
 
-    // One recorder per source: every generation it came to hold, and when.
+    // One recorder per source: every generation it came to hold, and when,
+    // up to the last one (each forced refresh adds one generation).
+    let last_generation = imported.generation + REFRESHES as u64;
     let seen: Vec<Arc<Mutex<Vec<(u64, Instant)>>>> = (0..SOURCES).map(|_| Arc::default()).collect();
     let recorders: Vec<_> = sources
         .iter()
@@ -82,7 +84,7 @@ async fn every_source_gets_every_refreshed_token_pushed() {
             let mut updates = source.updates();
             tokio::spawn(async move {
                 let mut last = source.cached_generation().unwrap();
-                while updates.changed().await.is_ok() {
+                while last < last_generation && updates.changed().await.is_ok() {
                     let now = Instant::now();
                     match source.cached_generation() {
                         Some(g) if g > last => {
@@ -109,7 +111,10 @@ async fn every_source_gets_every_refreshed_token_pushed() {
         refreshed.push((token.generation, answered));
     }
     for r in recorders {
-        r.abort();
+        tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .expect("a recorder never saw the last generation")
+            .unwrap();
     }
 
     // Each source held each generation, in order (the next refresh started only

@@ -63,7 +63,14 @@ async fn a_forgotten_grant_makes_every_source_report_reauth_once() {
     let backend = Backend::start(Validator::introspection(provider.issuer())).await;
     let client = connect(broker.socket()).await;
     let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    let imported = import(&client, PROFILE, provider.issuer(), PUBLIC_CLIENT_ID, &minted).await;
+    let imported = import(
+        &client,
+        PROFILE,
+        provider.issuer(),
+        PUBLIC_CLIENT_ID,
+        &minted,
+    )
+    .await;
 
     let sources: Vec<BrokerTokenSource> = (0..3)
         .map(|_| BrokerTokenSource::builder().socket(broker.socket()).build())
