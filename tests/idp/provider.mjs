@@ -14,7 +14,8 @@
 //    - exits when its stdin closes, so a killed test run leaves no orphan behind.
 //  Test-only routes: `POST /test/mint` (a grant without login), `GET /test/stats`
 //  (`{ refresh_token_grants, refresh_token_grant_errors }` seen by this process) and
-//  `POST /test/delete-access-token` (form `token`: that access token alone dies).
+//  `POST /test/delete-access-token` (form `token`: that access token alone dies) and
+//  `POST /test/hydra-rotation` (form `enabled`: delete the old access token on refresh).
 // =====================================================================================
 
 import http from 'node:http';
@@ -174,6 +175,52 @@ async function readBody(req) {
   return Object.fromEntries(new URLSearchParams(raw));
 }
 
+// TEST-ONLY, off by default: behave like Ory Hydra, which deletes the previous
+// access token of a grant when a refresh rotates it, so requests still carrying
+// it get 401 from then on. Switched with `POST /test/hydra-rotation` (form
+// `enabled=true|false`). The deletion happens before the token response is
+// sent, as in Hydra.
+const hydraRotation = {
+  enabled: false,
+  // grantId -> the newest access token issued for it.
+  latest: new Map(),
+};
+stats.access_tokens_deleted_on_rotation = 0;
+
+provider.use(async (ctx, next) => {
+  if (ctx.path === '/test/hydra-rotation') {
+    if (ctx.method !== 'POST') {
+      ctx.status = 405;
+      return;
+    }
+    const params = await readBody(ctx.req);
+    hydraRotation.enabled = params.enabled === 'true';
+    ctx.status = 204;
+    return;
+  }
+  await next();
+  if (
+    !hydraRotation.enabled
+    || ctx.method !== 'POST'
+    || ctx.path !== '/token'
+    || ctx.status !== 200
+    || ctx.oidc?.params?.grant_type !== 'refresh_token'
+  ) {
+    return;
+  }
+  const issued = ctx.oidc.entities.AccessToken;
+  if (!issued?.grantId) return;
+  const previous = hydraRotation.latest.get(issued.grantId);
+  hydraRotation.latest.set(issued.grantId, ctx.body.access_token);
+  if (previous) {
+    const old = await provider.AccessToken.find(previous);
+    if (old) {
+      await old.destroy();
+      stats.access_tokens_deleted_on_rotation += 1;
+    }
+  }
+});
+
 // TEST-ONLY: the counters above, as JSON.
 provider.use(async (ctx, next) => {
   if (ctx.path !== '/test/stats') {
@@ -239,6 +286,7 @@ provider.use(async (ctx, next) => {
   };
   const at = new provider.AccessToken(common);
   const accessToken = await at.save();
+  hydraRotation.latest.set(grantId, accessToken);
   const rt = new provider.RefreshToken(common);
   const refreshToken = await rt.save();
 

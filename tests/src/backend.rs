@@ -264,6 +264,21 @@ pub struct ProviderStats {
     pub refresh_token_grants: u64,
     /// Those that failed.
     pub refresh_token_grant_errors: u64,
+    /// Old access tokens deleted by [`set_hydra_rotation`] mode.
+    pub access_tokens_deleted_on_rotation: u64,
+}
+
+/// Switches the provider's Hydra mode: when on, every successful refresh
+/// deletes the grant's previous access token before answering, as Ory Hydra
+/// does, so requests still carrying it get 401.
+pub async fn set_hydra_rotation(issuer: &str, enabled: bool) {
+    let resp = http_client()
+        .post(format!("{issuer}/test/hydra-rotation"))
+        .form(&[("enabled", if enabled { "true" } else { "false" })])
+        .send()
+        .await
+        .expect("POST /test/hydra-rotation");
+    assert_eq!(resp.status().as_u16(), 204, "switching Hydra mode");
 }
 
 /// Reads the provider's counters; they restart at zero with the provider.

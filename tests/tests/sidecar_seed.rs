@@ -18,7 +18,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kontext_broker_client::bearer::{BearerBody, BearerLayer};
 use kontext_broker_client::{BrokerTokenSource, Token, WatchEvent, WatchStream};
-use kontext_broker_tests::backend::{delete_access_token, provider_stats, Backend, Hit, Validator};
+use kontext_broker_tests::backend::{
+    delete_access_token, provider_stats, set_hydra_rotation, Backend, Hit, Validator,
+};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
 use kontext_broker_tests::scenario::{broker_ctl, connect, import};
@@ -132,6 +134,9 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     let mut broker = BrokerProcess::start(BrokerOptions::default());
     let backend = Backend::start(Validator::introspection(provider.issuer())).await;
     let mut client = connect(broker.socket()).await;
+    // Like Hydra: each refresh deletes the previous access token at once, so
+    // heartbeats in flight across every rotation may meet a dead token.
+    set_hydra_rotation(provider.issuer(), true).await;
     let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
     import(
         &client,
@@ -157,8 +162,8 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
         })
         .collect();
 
-    // ~15 s: a forced refresh, then the previous access token dies at the IdP,
-    // as Hydra deletes it on rotation; sidecars still holding it get 401s.
+    // ~15 s: a forced refresh; the provider (in Hydra mode) deletes the
+    // previous access token as it answers, so sidecars still holding it get 401s.
     tokio::time::sleep_until((t0 + Duration::from_secs(15)).into()).await;
     let previous = client.get_token(PROFILE, Duration::ZERO).await.unwrap();
     let out = broker_ctl(broker.socket(), &["refresh"]).await;
@@ -167,15 +172,13 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
         "broker-ctl refresh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let unauthorized_before_revoke = backend.counts().unauthorized;
-    delete_access_token(provider.issuer(), previous.access_token.expose()).await;
     assert!(
         !provider
             .introspect_active(previous.access_token.expose())
             .await
     );
     eprintln!(
-        "t={:?}: forced refresh past generation {}, its access token deleted at the IdP",
+        "t={:?}: forced refresh past generation {}, its access token deleted by the rotation",
         t0.elapsed(),
         previous.generation
     );
@@ -231,19 +234,23 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     let retried = per_beat.values().filter(|v| v.len() > 1).count();
     println!(
         "seed scenario over {run:?}: {sent} heartbeats sent by {SIDECARS} sidecars, {ok} ok; \
-         backend: {} requests, {} accepted, {} answered 401 ({} after the forced refresh + \
-         deletion of the old token, {} after deleting the current one), {} other; \
-         {retried} heartbeats retried; provider: {} refresh_token grants ({} failed) in {since_import:?}; \
+         backend: {} requests, {} accepted, {} answered 401 ({} before the deletion of the current \
+         token, {} after it), {} other; {retried} heartbeats retried; provider: {} refresh_token \
+         grants ({} failed; {} old access tokens deleted on rotation) in {since_import:?}; \
          broker restart took {downtime:?}; broker status after restart: {:?}",
         counts.requests,
         counts.accepted,
         counts.unauthorized,
-        unauthorized_before_kill - unauthorized_before_revoke,
+        unauthorized_before_kill,
         counts.unauthorized - unauthorized_before_kill,
         counts.other,
         stats.refresh_token_grants,
         stats.refresh_token_grant_errors,
-        status.profiles.first().map(|p| (&p.state, p.generation, p.refresh_count)),
+        stats.access_tokens_deleted_on_rotation,
+        status
+            .profiles
+            .first()
+            .map(|p| (&p.state, p.generation, p.refresh_count)),
     );
 
     // Zero heartbeats lost: nothing but success reached any sidecar loop.
@@ -289,4 +296,10 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     // 42 s of 5 s tokens cannot be covered with fewer refreshes.
     assert!(stats.refresh_token_grants >= 8, "{stats:?}");
     assert_eq!(stats.refresh_token_grant_errors, 0);
+    // Hydra mode deleted the previous access token on every rotation but the one
+    // after the test had deleted the current token itself.
+    assert_eq!(
+        stats.access_tokens_deleted_on_rotation + 1,
+        stats.refresh_token_grants
+    );
 }
