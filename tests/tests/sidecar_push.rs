@@ -17,6 +17,9 @@ const REFRESHES: usize = 20;
 /// Generous bound on one push's delay; the 50 ms budget is for benchmarks.
 const PUSH_BOUND: Duration = Duration::from_secs(2);
 
+/// The generations one source came to hold, with when it held each.
+type Held = Arc<Mutex<Vec<(u64, Instant)>>>;
+
 /// Waits until `source` caches generation `at_least` or newer.
 async fn wait_generation(source: &BrokerTokenSource, at_least: u64) {
     let mut updates = source.updates();
@@ -75,7 +78,7 @@ async fn every_source_gets_every_refreshed_token_pushed() {
     // One recorder per source: every generation it came to hold, and when,
     // up to the last one (each forced refresh adds one generation).
     let last_generation = imported.generation + REFRESHES as u64;
-    let seen: Vec<Arc<Mutex<Vec<(u64, Instant)>>>> = (0..SOURCES).map(|_| Arc::default()).collect();
+    let seen: Vec<Held> = (0..SOURCES).map(|_| Arc::default()).collect();
     let recorders: Vec<_> = sources
         .iter()
         .zip(&seen)
