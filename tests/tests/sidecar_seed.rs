@@ -1,12 +1,12 @@
 //! The seed scenario (SPEC §8, §9): ten sidecars, each with its own
 //! `BrokerTokenSource` and `BearerLayer` around a hyper client, send a heartbeat
-//! every 200 ms for 42 s to a backend that checks every token with the real
-//! `oidc-provider` (5 s access tokens). Meanwhile the broker refreshes
-//! proactively, is forced to refresh while the old access token is deleted at the IdP (as
-//! Hydra deletes it on rotation), has its current token deleted under it, and is
-//! restarted. No heartbeat may be lost, every 401 must be followed by exactly
-//! one successful retry, and the provider must see about one refresh per
-//! 0.8 × lifetime.
+//! every 200 ms for 42 s to a backend that checks every token by introspection
+//! at the real `oidc-provider` (5 s access tokens), which runs in Hydra mode:
+//! every refresh deletes the previous access token at once. Meanwhile the broker
+//! refreshes proactively, is forced to refresh with `broker-ctl refresh`, has its
+//! current token deleted under it, and is restarted. No heartbeat may be lost,
+//! every 401 must be followed by exactly one successful retry, and the provider
+//! must see about one refresh per 0.8 × lifetime.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
