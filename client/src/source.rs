@@ -350,9 +350,11 @@ impl TokenSource for BrokerTokenSource {
             if let Some(r) = fast {
                 return r;
             }
-            let min_valid = state.max_margin;
+            // Zero: the broker applies its own margin, min(30 s, lifetime / 10),
+            // the same rule as `fresh_until_ms`. Asking for `max_margin` would
+            // force a refresh of every token that lives under five minutes.
             state
-                .with_client(|c| async move { c.get_token(&state.profile, min_valid).await })
+                .with_client(|c| async move { c.get_token(&state.profile, Duration::ZERO).await })
                 .await
         }
     }

@@ -12,6 +12,10 @@
 //      CONFIDENTIAL_CLIENT_SECRET (default: a fixed test value);
 //    - prints exactly one line `READY http://127.0.0.1:PORT` on stdout once listening;
 //    - exits when its stdin closes, so a killed test run leaves no orphan behind.
+//  Test-only routes: `POST /test/mint` (a grant without login), `GET /test/stats`
+//  (`{ refresh_token_grants, refresh_token_grant_errors }` seen by this process) and
+//  `POST /test/delete-access-token` (form `token`: that access token alone dies) and
+//  `POST /test/hydra-rotation` (form `enabled`: delete the old access token on refresh).
 // =====================================================================================
 
 import http from 'node:http';
@@ -119,7 +123,23 @@ const provider = new Provider(issuer, {
 provider.on('server_error', (_ctx, err) => {
   console.error('oidc-provider server_error:', err);
 });
-provider.on('grant.error', (_ctx, err) => {
+// TEST-ONLY instrumentation, served at `GET /test/stats`: what the token
+// endpoint saw, so tests can count refreshes at the IdP itself rather than trust
+// the broker's own counters. Counters start at zero in every provider process.
+const stats = {
+  // Every `grant_type=refresh_token` request that reached the grant handler.
+  refresh_token_grants: 0,
+  refresh_token_grant_errors: 0,
+};
+provider.on('grant.success', (ctx) => {
+  if (ctx.oidc?.params?.grant_type === 'refresh_token') stats.refresh_token_grants += 1;
+});
+
+provider.on('grant.error', (ctx, err) => {
+  if (ctx.oidc?.params?.grant_type === 'refresh_token') {
+    stats.refresh_token_grants += 1;
+    stats.refresh_token_grant_errors += 1;
+  }
   // Polling answers of the device flow are not errors worth a line.
   if (err.error === 'authorization_pending' || err.error === 'slow_down') return;
   console.error(`oidc-provider grant.error: ${err.error}: ${err.error_detail ?? err.error_description}`);
@@ -155,6 +175,85 @@ async function readBody(req) {
   return Object.fromEntries(new URLSearchParams(raw));
 }
 
+// TEST-ONLY, off by default: behave like Ory Hydra, which deletes the previous
+// access token of a grant when a refresh rotates it, so requests still carrying
+// it get 401 from then on. Switched with `POST /test/hydra-rotation` (form
+// `enabled=true|false`). The deletion happens before the token response is
+// sent, as in Hydra.
+const hydraRotation = {
+  enabled: false,
+  // grantId -> the newest access token issued for it.
+  latest: new Map(),
+};
+stats.access_tokens_deleted_on_rotation = 0;
+
+provider.use(async (ctx, next) => {
+  if (ctx.path === '/test/hydra-rotation') {
+    if (ctx.method !== 'POST') {
+      ctx.status = 405;
+      return;
+    }
+    const params = await readBody(ctx.req);
+    hydraRotation.enabled = params.enabled === 'true';
+    ctx.status = 204;
+    return;
+  }
+  await next();
+  if (
+    !hydraRotation.enabled
+    || ctx.method !== 'POST'
+    || ctx.path !== '/token'
+    || ctx.status !== 200
+    || ctx.oidc?.params?.grant_type !== 'refresh_token'
+  ) {
+    return;
+  }
+  const issued = ctx.oidc.entities.AccessToken;
+  if (!issued?.grantId) return;
+  const previous = hydraRotation.latest.get(issued.grantId);
+  hydraRotation.latest.set(issued.grantId, ctx.body.access_token);
+  if (previous) {
+    const old = await provider.AccessToken.find(previous);
+    if (old) {
+      await old.destroy();
+      stats.access_tokens_deleted_on_rotation += 1;
+    }
+  }
+});
+
+// TEST-ONLY: the counters above, as JSON.
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/test/stats') {
+    await next();
+    return;
+  }
+  ctx.set('Cache-Control', 'no-store');
+  ctx.body = stats;
+});
+
+// TEST-ONLY: delete one access token and nothing else, as Hydra deletes the old
+// access token when it rotates. (RFC 7009 revocation here would not do: this
+// provider's revocation of an access token also revokes every token of its
+// grant, the refresh token included.) Answers 204, or 404 for an unknown token.
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/test/delete-access-token') {
+    await next();
+    return;
+  }
+  if (ctx.method !== 'POST') {
+    ctx.status = 405;
+    return;
+  }
+  const params = await readBody(ctx.req);
+  const token = await provider.AccessToken.find(String(params.token ?? ''));
+  if (!token) {
+    ctx.status = 404;
+    return;
+  }
+  await token.destroy();
+  ctx.status = 204;
+});
+
 // TEST-ONLY: mint a grant with an access token and a refresh token, without any
 // login, and answer with an RFC 6749 §5.1 token response (plus an ID token
 // signed with the provider's keys when the scope has `openid`).
@@ -187,6 +286,7 @@ provider.use(async (ctx, next) => {
   };
   const at = new provider.AccessToken(common);
   const accessToken = await at.save();
+  hydraRotation.latest.set(grantId, accessToken);
   const rt = new provider.RefreshToken(common);
   const refreshToken = await rt.save();
 

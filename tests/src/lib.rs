@@ -1,6 +1,7 @@
 //! Test fixtures shared by the integration tests and benchmarks:
 //! identity providers to test against, and a harness that runs the broker.
 
+pub mod backend;
 pub mod broker_process;
 pub mod fake_idp;
 pub mod html_form;
