@@ -197,15 +197,32 @@ async fn watch_loop(state: Arc<State>) {
                 // so we never spin.
                 if since.elapsed() >= HEALTHY_WATCH {
                     backoff = BACKOFF_START;
+                    // Every sidecar of this user sees the restart at the same
+                    // moment: spread the reconnects a little.
+                    tokio::time::sleep(jitter(RECONNECT_SPREAD)).await;
                     continue;
                 }
             }
             Err(Error::ReauthRequired { message, .. }) => state.set_reauth(message),
             Err(e) => tracing::debug!(profile = %state.profile, error = %e, "watch failed"),
         }
-        tokio::time::sleep(backoff).await;
+        // "Equal jitter": half the delay fixed, half random.
+        tokio::time::sleep(backoff / 2 + jitter(backoff / 2)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// Largest random delay before reconnecting after a broker restart.
+const RECONNECT_SPREAD: Duration = Duration::from_millis(100);
+
+/// A random duration in `[0, max)`. `RandomState` is randomly seeded per
+/// instance, which is plenty for spreading reconnects, without a `rand` dependency.
+fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    max.mul_f64((bits % 1_000_000) as f64 / 1_000_000.0)
 }
 
 struct Handle {
@@ -405,5 +422,18 @@ mod tests {
         assert_eq!(fresh_until_ms(&tok(0, 3600), DEFAULT_MAX_MARGIN), 3_570_000);
         // Nonsense (expires before issued): never fresh beyond expiry.
         assert_eq!(fresh_until_ms(&tok(200, 100), DEFAULT_MAX_MARGIN), 100_000);
+    }
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_below_its_bound_and_varies() {
+        let draws: Vec<Duration> = (0..50).map(|_| jitter(RECONNECT_SPREAD)).collect();
+        assert!(draws.iter().all(|d| *d < RECONNECT_SPREAD));
+        assert!(draws.windows(2).any(|w| w[0] != w[1]), "not constant");
+        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
     }
 }
