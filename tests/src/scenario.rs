@@ -50,3 +50,32 @@ pub async fn broker_ctl(socket: &Path, args: &[&str]) -> Output {
         .await
         .expect("running broker-ctl")
 }
+
+/// The real provider with `ttl`-second access tokens, a broker, a connected
+/// client, and one grant of the public client imported as `default`. Also
+/// returns the minted token response.
+pub async fn provider_with_profile(
+    ttl: u64,
+) -> (
+    crate::oidc_provider::OidcProvider,
+    crate::broker_process::BrokerProcess,
+    BrokerClient,
+    Value,
+) {
+    use crate::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
+    let provider = OidcProvider::start(ttl).await;
+    let broker = crate::broker_process::BrokerProcess::start(Default::default());
+    let client = connect(broker.socket()).await;
+    let minted = provider
+        .mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"])
+        .await;
+    import(
+        &client,
+        "default",
+        provider.issuer(),
+        PUBLIC_CLIENT_ID,
+        &minted,
+    )
+    .await;
+    (provider, broker, client, minted)
+}

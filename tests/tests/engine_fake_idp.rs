@@ -29,23 +29,33 @@ fn broker() -> BrokerProcess {
     BrokerProcess::start(BrokerOptions::default())
 }
 
+/// Whether the imported grant's access token is still valid.
+enum Grant {
+    Fresh,
+    /// Already expired: the first request refreshes.
+    Expired,
+}
+
+/// A fake IdP, a broker, a connected client, and one grant imported as `PROFILE`.
+async fn imported(grant: Grant) -> (FakeIdp, BrokerProcess, BrokerClient) {
+    let idp = fake().await;
+    let broker = broker();
+    let client = connect(broker.socket()).await;
+    let minted = match grant {
+        Grant::Fresh => idp.mint(),
+        Grant::Expired => expired(idp.mint()),
+    };
+    import(&client, PROFILE, &idp.issuer(), idp.client_id(), &minted).await;
+    (idp, broker, client)
+}
+
 async fn many_clients(broker: &BrokerProcess, n: usize) -> Vec<BrokerClient> {
     join_all((0..n).map(|_| connect(broker.socket()))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_on_an_expired_token_cause_one_refresh() {
-    let idp = fake().await;
-    let broker = broker();
-    let admin = connect(broker.socket()).await;
-    import(
-        &admin,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &expired(idp.mint()),
-    )
-    .await;
+    let (idp, broker, _admin) = imported(Grant::Expired).await;
     let clients = many_clients(&broker, 200).await;
 
     // Hold the single refresh until every request had the chance to arrive.
@@ -70,10 +80,7 @@ async fn two_hundred_clients_on_an_expired_token_cause_one_refresh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_invalidations_cause_one_refresh_and_stale_ones_none() {
-    let idp = fake().await;
-    let broker = broker();
-    let admin = connect(broker.socket()).await;
-    import(&admin, PROFILE, &idp.issuer(), idp.client_id(), &idp.mint()).await;
+    let (idp, broker, admin) = imported(Grant::Fresh).await;
     let stale = admin.get_token(PROFILE, Duration::ZERO).await.unwrap();
     let clients = many_clients(&broker, 200).await;
     let results = join_all(clients.iter().map(|c| c.invalidate(PROFILE, &stale))).await;
@@ -96,17 +103,7 @@ async fn two_hundred_invalidations_cause_one_refresh_and_stale_ones_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_refresh_token_means_reauth_at_once_and_no_more_calls() {
-    let idp = fake().await;
-    let broker = broker();
-    let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &expired(idp.mint()),
-    )
-    .await;
+    let (idp, broker, client) = imported(Grant::Expired).await;
     idp.revoke_all();
     let err = client.get_token(PROFILE, Duration::ZERO).await.unwrap_err();
     let Error::ReauthRequired { message, .. } = &err else {
@@ -192,17 +189,7 @@ async fn transient_failures_keep_serving_the_valid_token_and_fail_fast_after_exp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_lying_responses_are_transient_and_harm_nothing() {
-    let idp = fake().await;
-    let broker = broker();
-    let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    let (idp, _broker, client) = imported(Grant::Fresh).await;
     for failure in [
         Failure::MalformedJson,
         Failure::CloseSocket,
@@ -225,17 +212,7 @@ async fn malformed_and_lying_responses_are_transient_and_harm_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_profiles_and_does_not_refresh_a_valid_token() {
-    let idp = fake().await;
-    let mut broker = broker();
-    let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    let (idp, mut broker, client) = imported(Grant::Fresh).await;
     let before = client.get_token(PROFILE, Duration::ZERO).await.unwrap();
     drop(client);
     broker.restart();
@@ -373,17 +350,7 @@ async fn sigkill_during_refreshes_never_tears_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_never_blocks_another_on_the_same_connection() {
-    let idp = fake().await;
-    let broker = broker();
-    let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &expired(idp.mint()),
-    )
-    .await;
+    let (idp, _broker, client) = imported(Grant::Expired).await;
     let hold = idp.hold_token_calls();
     let slow = tokio::spawn({
         let client = client.clone();
@@ -425,17 +392,7 @@ async fn an_rfc8414_only_issuer_is_discovered_and_refreshed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_client_also_means_reauth() {
-    let idp = fake().await;
-    let broker = broker();
-    let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &expired(idp.mint()),
-    )
-    .await;
+    let (idp, _broker, client) = imported(Grant::Expired).await;
     idp.push_failure(Failure::InvalidClient);
     let err = client.get_token(PROFILE, Duration::ZERO).await.unwrap_err();
     assert!(matches!(err, Error::ReauthRequired { .. }), "{err:?}");

@@ -5,12 +5,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use kontext_broker_client::{Error, WatchEvent};
-use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
-use kontext_broker_tests::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
-use kontext_broker_tests::scenario::{broker_ctl, connect, import};
+use kontext_broker_tests::scenario::{broker_ctl, connect, provider_with_profile};
 
 const PROFILE: &str = "default";
-const SCOPES: &[&str] = &["openid", "offline_access"];
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -21,18 +18,7 @@ fn unix_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_every_200ms_for_30s_never_sees_an_expired_token() {
-    let provider = OidcProvider::start(5).await;
-    let broker = BrokerProcess::start(BrokerOptions::default());
-    let client = connect(broker.socket()).await;
-    let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    import(
-        &client,
-        PROFILE,
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
+    let (provider, broker, client, _) = provider_with_profile(5).await;
 
     // A watcher records when each new token arrived, to show refreshes are proactive.
     let mut watch = client.watch(PROFILE).await.unwrap();
@@ -111,18 +97,7 @@ async fn a_heartbeat_every_200ms_for_30s_never_sees_an_expired_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_latency_against_the_real_provider() {
-    let provider = OidcProvider::start(60).await;
-    let broker = BrokerProcess::start(BrokerOptions::default());
-    let client = connect(broker.socket()).await;
-    let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    import(
-        &client,
-        PROFILE,
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
+    let (provider, _broker, client, _) = provider_with_profile(60).await;
     let mut samples = Vec::new();
     let mut last = 0;
     for _ in 0..20 {
@@ -146,18 +121,7 @@ async fn refresh_latency_against_the_real_provider() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_the_provider_forgot_means_reauth_required() {
-    let mut provider = OidcProvider::start(60).await;
-    let broker = BrokerProcess::start(BrokerOptions::default());
-    let client = connect(broker.socket()).await;
-    let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    import(
-        &client,
-        PROFILE,
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
+    let (mut provider, broker, client, _) = provider_with_profile(60).await;
     // In-memory storage: a restart kills every grant.
     provider.restart().await;
     let err = client.refresh(PROFILE).await.unwrap_err();

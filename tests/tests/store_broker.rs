@@ -8,8 +8,10 @@ use futures::StreamExt;
 use kontext_broker_client::{Error, WatchEvent};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
-use kontext_broker_tests::scenario::{broker_ctl, broker_ctl_binary, connect, import};
+use kontext_broker_tests::oidc_provider::PUBLIC_CLIENT_ID;
+use kontext_broker_tests::scenario::{
+    broker_ctl, broker_ctl_binary, connect, import, provider_with_profile,
+};
 use tokio::io::AsyncWriteExt;
 
 const PASSPHRASE_CONFIG: &str = "identity = \"passphrase\"\nscrypt_work_factor = 10\n";
@@ -178,20 +180,7 @@ async fn a_corrupt_profile_is_isolated_reported_and_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_revokes_at_the_provider_deletes_the_file_and_tells_watchers() {
-    let provider = OidcProvider::start(60).await;
-    let broker = BrokerProcess::start(BrokerOptions::default());
-    let client = connect(broker.socket()).await;
-    let minted = provider
-        .mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"])
-        .await;
-    import(
-        &client,
-        "default",
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
+    let (provider, broker, client, minted) = provider_with_profile(60).await;
     let refresh_token = minted["refresh_token"].as_str().unwrap();
     assert!(provider.introspect_active(refresh_token).await);
     let mut watch = client.watch("default").await.unwrap();
