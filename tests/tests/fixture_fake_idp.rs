@@ -36,6 +36,24 @@ async fn refresh(idp: &FakeIdp, rt: &str) -> (u16, Value) {
     (status, resp.json().await.expect("JSON body"))
 }
 
+/// A refresh of `rt` running in its own task (for overlapping calls).
+fn spawn_refresh(idp: &FakeIdp, rt: &str) -> tokio::task::JoinHandle<reqwest::Response> {
+    let url = format!("{}/token", idp.issuer());
+    let rt = rt.to_owned();
+    tokio::spawn(async move {
+        client()
+            .post(url)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("client_id", "kontext-cli"),
+                ("refresh_token", rt.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
 fn rt_of(v: &Value) -> String {
     v["refresh_token"]
         .as_str()
@@ -149,41 +167,11 @@ async fn concurrent_refresh_of_one_token_gets_invalid_request() {
     let rt0 = rt_of(&idp.mint());
     let hold = idp.hold_token_calls();
 
-    let first = tokio::spawn({
-        let url = format!("{}/token", idp.issuer());
-        let rt0 = rt0.clone();
-        async move {
-            client()
-                .post(url)
-                .form(&[
-                    ("grant_type", "refresh_token"),
-                    ("client_id", "kontext-cli"),
-                    ("refresh_token", rt0.as_str()),
-                ])
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let first = spawn_refresh(&idp, &rt0);
     tokio::time::timeout(SAFETY, idp.wait_for_token_calls(1))
         .await
         .expect("first refresh arrives");
-    let second = tokio::spawn({
-        let url = format!("{}/token", idp.issuer());
-        let rt0 = rt0.clone();
-        async move {
-            client()
-                .post(url)
-                .form(&[
-                    ("grant_type", "refresh_token"),
-                    ("client_id", "kontext-cli"),
-                    ("refresh_token", rt0.as_str()),
-                ])
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let second = spawn_refresh(&idp, &rt0);
     tokio::time::timeout(SAFETY, idp.wait_for_token_calls(2))
         .await
         .expect("second refresh arrives");
