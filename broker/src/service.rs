@@ -94,8 +94,9 @@ enum Entry {
     /// The profile file could not be loaded.
     Failed { error: String },
     /// Logged out (or being logged out). The slot stays so watchers keep their
-    /// subscription and see the next login of this name.
-    Absent,
+    /// subscription and see the next login of this name, whose generations
+    /// continue above `last_generation`.
+    Absent { last_generation: u64 },
 }
 
 impl Slot {
@@ -275,7 +276,7 @@ impl Service {
             Some(Entry::Failed { error }) => Err(BrokerError::internal(format!(
                 "profile `{profile}` is unusable: {error}"
             ))),
-            Some(Entry::Absent) | None => Err(unknown(profile)),
+            Some(Entry::Absent { .. }) | None => Err(unknown(profile)),
         }
     }
 
@@ -309,7 +310,7 @@ impl Service {
             Entry::Engine(engine) => return engine.current_events(),
             Entry::Locked => ProfileState::Locked,
             Entry::Failed { .. } => ProfileState::Error,
-            Entry::Absent => {
+            Entry::Absent { .. } => {
                 return vec![WatchEvent::Removed {
                     profile: profile.to_owned(),
                 }]
@@ -395,7 +396,7 @@ impl Service {
                 Entry::Failed { error } => {
                     Some(bare_status(name, ProfileState::Error, Some(error.clone())))
                 }
-                Entry::Absent => None,
+                Entry::Absent { .. } => None,
             })
             .collect();
         StatusReport {
@@ -462,6 +463,13 @@ impl Service {
         let status = match existing {
             Some(engine) => engine.replace(record).await?,
             None => {
+                let mut record = record;
+                if let Some(Entry::Absent { last_generation }) =
+                    self.lock_profiles().get(&name).map(|s| &s.entry)
+                {
+                    // A stale client of the old session must not hit a live generation.
+                    record.generation = record.generation.max(last_generation + 1);
+                }
                 let store = self.inner.store.clone();
                 let to_save = record.clone();
                 tokio::task::spawn_blocking(move || store.save(&to_save))
@@ -500,9 +508,13 @@ impl Service {
             let slot = profiles.get_mut(profile).ok_or_else(|| unknown(profile))?;
             match &slot.entry {
                 Entry::Locked => return Err(BrokerError::Locked),
-                Entry::Absent => return Err(unknown(profile)),
-                Entry::Engine(_) | Entry::Failed { .. } => {
-                    std::mem::replace(&mut slot.entry, Entry::Absent)
+                Entry::Absent { .. } => return Err(unknown(profile)),
+                Entry::Engine(engine) => {
+                    let last_generation = engine.status().generation;
+                    std::mem::replace(&mut slot.entry, Entry::Absent { last_generation })
+                }
+                Entry::Failed { .. } => {
+                    std::mem::replace(&mut slot.entry, Entry::Absent { last_generation: 0 })
                 }
             }
         };
@@ -534,8 +546,9 @@ impl Service {
             .await
             .map_err(|e| BrokerError::internal(e.to_string()))?;
         if let Err(e) = deleted {
-            if !matches!(e, Error::UnknownProfile(_)) {
+            if !matches!(e, Error::UnknownProfile(_)) && !revoked {
                 // The file is still there: bring the profile back as it was.
+                // (After a revocation there is nothing worth bringing back.)
                 let mut profiles = self.lock_profiles();
                 if let Some(slot) = profiles.get_mut(profile) {
                     slot.entry = match record {
@@ -547,6 +560,10 @@ impl Service {
                         None => previous,
                     };
                 }
+                return Err(e.to_wire());
+            }
+            if !matches!(e, Error::UnknownProfile(_)) {
+                warn!(profile, error = %e, "revoked, but the profile file could not be deleted");
                 return Err(e.to_wire());
             }
         }

@@ -227,12 +227,13 @@ async fn logout_revokes_at_the_provider_deletes_the_file_and_tells_watchers() {
         &minted,
     )
     .await;
-    // The same watcher, still subscribed, sees the new login.
+    // The same watcher, still subscribed, sees the new login, with a generation
+    // above the old session's (a stale client cannot hit a live generation).
     let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
         .await
         .unwrap();
     assert!(
-        matches!(next, Some(Ok(WatchEvent::Token { .. }))),
+        matches!(&next, Some(Ok(WatchEvent::Token { token, .. })) if token.generation > 1),
         "{next:?}"
     );
     let out = broker_ctl(broker.socket(), &["logout", "--no-revoke"]).await;

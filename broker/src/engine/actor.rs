@@ -55,6 +55,7 @@ pub fn spawn(
         jitter_draw: rand::random(),
         issued_ms: 0,
         last_job_ms: 0,
+        dead_save_retry_ms: 0,
         backoff,
         counters: Counters::default(),
         deps: deps.clone(),
@@ -161,6 +162,8 @@ struct Actor {
     issued_ms: u64,
     /// When the last job finished (ms), to space proactive refreshes.
     last_job_ms: u64,
+    /// When to retry deleting a dead grant's refresh token whose deletion failed.
+    dead_save_retry_ms: u64,
     backoff: Backoff,
     counters: Counters,
     deps: EngineDeps,
@@ -191,6 +194,7 @@ impl Actor {
                     None => break,
                     Some(Command::Stop { reply }) => {
                         self.wait_for_job(&mut done_rx).await;
+                        self.last_save_before_stop().await;
                         let _ = reply.send(self.record.clone());
                         break;
                     }
@@ -345,7 +349,7 @@ impl Actor {
         if matches!(self.phase, Phase::ReauthRequired) && !self.durable {
             // Deleting the dead refresh token failed: keep trying, or the next
             // start would present it to the IdP again.
-            return Some(self.begin(Vec::new()));
+            return (now >= self.dead_save_retry_ms).then(|| self.begin(Vec::new()));
         }
         if !matches!(self.phase, Phase::Idle) {
             return None;
@@ -353,8 +357,9 @@ impl Actor {
         if !self.durable {
             return Some(self.begin(Vec::new()));
         }
-        let due = self.refresh_due_ms().is_some_and(|due| now >= due)
-            && now >= self.last_job_ms + MIN_PROACTIVE_GAP_MS;
+        // `last_job_ms` later than now means the clock went back: ignore it.
+        let spaced = self.last_job_ms > now || now >= self.last_job_ms + MIN_PROACTIVE_GAP_MS;
+        let due = self.refresh_due_ms().is_some_and(|due| now >= due) && spaced;
         (due && self.in_use(now)).then(|| self.begin(Vec::new()))
     }
 
@@ -397,6 +402,7 @@ impl Actor {
                     .filter(|&t| t > now)
                     .min()
             }
+            Phase::ReauthRequired if !self.durable => Some(self.dead_save_retry_ms),
             Phase::Busy { .. } | Phase::ReauthRequired => None,
         };
         target.map_or(MAX_SLEEP, |t| {
@@ -525,9 +531,25 @@ impl Actor {
                 self.backoff.reset();
                 self.counters.last_error = None;
                 self.phase = Phase::Idle;
-                self.record
-                    .token()
-                    .ok_or_else(|| BrokerError::internal("the IdP returned no access token"))
+                let now = self.now();
+                match self.record.token() {
+                    Some(t) if policy::unexpired(&t, now) => Ok(t),
+                    // The IdP took longer than the token's whole lifetime.
+                    Some(_) => Err(BrokerError::IdpUnavailable {
+                        retry_after_secs: 1,
+                        detail: "the identity provider answered too slowly; the new token had already expired".into(),
+                    }),
+                    None => Err(BrokerError::internal("the IdP returned no access token")),
+                }
+            }
+            Err(e) if self.record.refresh_token.is_none() => {
+                // Deleting a dead grant's token failed: still reauth for every
+                // caller; retry the save on its own timer.
+                self.durable = false;
+                warn!(profile = %self.record.name, error = %e, "could not delete the dead refresh token; will retry");
+                self.dead_save_retry_ms = self.now() + self.backoff.next_delay().as_millis() as u64;
+                self.phase = Phase::ReauthRequired;
+                Err(self.reauth_error())
             }
             Err(e) => {
                 // The rotated refresh token exists only in memory now. Keep it,
@@ -541,6 +563,22 @@ impl Actor {
                 self.phase = Phase::Backoff { until_ms };
                 Err(BrokerError::internal(detail))
             }
+        }
+    }
+
+    /// A record that exists only in memory holds the only valid refresh token:
+    /// one last try to save it before the engine goes away.
+    async fn last_save_before_stop(&mut self) {
+        if self.durable {
+            return;
+        }
+        match save(&self.deps, self.record.clone()).await {
+            Ok(()) => self.durable = true,
+            Err(e) => tracing::error!(
+                profile = %self.record.name,
+                error = %e,
+                "stopping with an unsaved rotated refresh token; a new login will be needed"
+            ),
         }
     }
 

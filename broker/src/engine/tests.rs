@@ -600,6 +600,13 @@ async fn a_failed_delete_of_the_dead_refresh_token_is_retried_and_reauth_stays()
         rig.store.saved.lock().unwrap().is_empty(),
         "the delete failed"
     );
+    // While the disk keeps failing, every caller still hears "log in again".
+    for _ in 0..3 {
+        rig.clock.advance(Duration::from_secs(2));
+        let err = rig.engine.get_token(0).await.unwrap_err();
+        assert!(matches!(err, BrokerError::ReauthRequired { .. }), "{err:?}");
+        assert_eq!(rig.engine.status().state, ProfileState::ReauthRequired);
+    }
     rig.store.fail.store(false, Ordering::SeqCst);
     // Retried after the backoff, without calling the IdP.
     for _ in 0..5 {

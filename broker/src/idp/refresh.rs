@@ -63,11 +63,16 @@ async fn refresh_grant(
             // oauth2's parser is strict (e.g. `expires_in` must be a number). The
             // IdP may already have rotated the refresh token, so throwing this
             // answer away would cost the user a login: read it leniently.
-            let rescued = rescue(&body);
-            zeroize::Zeroize::zeroize(&mut body);
-            return rescued.ok_or_else(|| {
-                RefreshError::Transient(format!("unreadable token response (at `{}`)", e.path()))
+            let rescued = rescue(&body).ok_or_else(|| match error_code(&body) {
+                // An error body oauth2 could not parse still names its error.
+                Some(code) => classify_code(&code, code.clone()),
+                None => RefreshError::Transient(format!(
+                    "unreadable token response (at `{}`)",
+                    e.path()
+                )),
             });
+            zeroize::Zeroize::zeroize(&mut body);
+            return rescued;
         }
         Err(e) => return Err(classify_error(e)),
     };
@@ -90,13 +95,37 @@ fn rescue(body: &[u8]) -> Option<Refreshed> {
     let text = std::str::from_utf8(body).ok()?;
     let response = super::TokenResponse::parse(text).ok()?;
     let scopes = response.scopes();
+    let token_type = if response.token_type.eq_ignore_ascii_case("bearer") {
+        "Bearer".to_owned()
+    } else {
+        response.token_type
+    };
     Some(Refreshed {
         access_token: response.access_token,
-        token_type: response.token_type,
+        token_type,
         expires_in: response.expires_in.map(std::time::Duration::from_secs),
         refresh_token: response.refresh_token,
         scopes,
     })
+}
+
+/// The SPEC §5 classes by OAuth error code: only a dead grant or client is final.
+fn classify_code(code: &str, detail: String) -> RefreshError {
+    match code {
+        "invalid_grant" | "invalid_client" | "unauthorized_client" => {
+            RefreshError::Rejected(detail)
+        }
+        _ => RefreshError::Transient(detail),
+    }
+}
+
+/// The `error` member of a JSON error body, if it is a plain OAuth error code.
+fn error_code(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = value.get("error")?.as_str()?;
+    code.bytes()
+        .all(|b| b.is_ascii_lowercase() || b == b'_')
+        .then(|| code.to_owned())
 }
 
 fn token_type_name<T: TokenType>(t: &T) -> String {
@@ -125,12 +154,7 @@ pub fn classify_error<RE: std::error::Error + 'static>(
                 detail.push_str(": ");
                 detail.push_str(&crate::login::sanitize(description));
             }
-            match code {
-                CoreErrorResponseType::InvalidGrant
-                | CoreErrorResponseType::InvalidClient
-                | CoreErrorResponseType::UnauthorizedClient => RefreshError::Rejected(detail),
-                _ => RefreshError::Transient(detail),
-            }
+            classify_code(code.as_ref(), detail)
         }
         RequestTokenError::Request(e) => {
             RefreshError::Transient(format!("request failed: {}", super::http::error_chain(&e)))
@@ -199,7 +223,24 @@ mod tests {
         assert_eq!(r.expires_in, Some(std::time::Duration::from_secs(3599)));
         assert_eq!(r.refresh_token.unwrap().expose(), "RT2");
         assert_eq!(r.scopes.unwrap(), ["openid"]);
+        assert_eq!(r.token_type, "Bearer");
         assert!(rescue(b"<html>502</html>").is_none());
         assert!(rescue(br#"{"error":"invalid_grant"}"#).is_none());
+    }
+
+    #[test]
+    fn odd_error_bodies_are_still_classified_by_their_code() {
+        let odd = br#"{"error":"invalid_grant","error_description":{"nested":true}}"#;
+        assert_eq!(error_code(odd).as_deref(), Some("invalid_grant"));
+        assert!(matches!(
+            classify_code("invalid_grant", String::new()),
+            RefreshError::Rejected(_)
+        ));
+        assert!(matches!(
+            classify_code("invalid_request", String::new()),
+            RefreshError::Transient(_)
+        ));
+        assert_eq!(error_code(b"<html>"), None);
+        assert_eq!(error_code(br#"{"error":"RT-SECRET-looking value"}"#), None);
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! Bound to 127.0.0.1 on a port the OS picks. It answers only `GET /callback`;
 //! anything else (favicon requests, probes) gets a 404 and is otherwise
-//! ignored. The first callback decides the outcome: the right `state` with a
-//! `code` succeeds, anything else fails the login, so a forged redirect can
-//! never be redeemed. The listener and every open connection live inside the
+//! ignored. A callback with a wrong or missing `state` is answered 400 and
+//! ignored (it cannot be our browser's, and must not let another local process
+//! cancel the login). The first callback with the right `state` decides: a
+//! `code` succeeds, an `error` fails the login. The listener and every open connection live inside the
 //! [`CallbackListener::wait`] future and its owner, so dropping either closes
 //! the port.
 
