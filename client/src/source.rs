@@ -352,26 +352,38 @@ impl TokenSource for BrokerTokenSource {
         let state = &self.handle.state;
         // Fast path: decided synchronously, before any await, with one atomic
         // load and one clock read.
+        let mut min_valid = Duration::ZERO;
         let fast = match &**state.cache.load() {
             Cached::Token {
                 token,
                 fresh_until_ms,
-            } if now_ms() < *fresh_until_ms => Some(Ok(token.clone())),
+            } => {
+                if now_ms() < *fresh_until_ms {
+                    Some(Ok(token.clone()))
+                } else {
+                    // Ask for exactly the validity our own rule wants, so the
+                    // broker refreshes when we would. Asking for `max_margin`
+                    // outright would force a refresh of every token that lives
+                    // under ten times that; asking for nothing would make a
+                    // `max_margin` above the broker's 30 s an IPC per call.
+                    let margin_ms = (token.expires_at * 1000).saturating_sub(*fresh_until_ms);
+                    min_valid = Duration::from_millis(margin_ms.div_ceil(1000) * 1000);
+                    None
+                }
+            }
             Cached::Reauth { message } => Some(Err(Error::ReauthRequired {
                 profile: state.profile.clone(),
                 message: message.clone(),
             })),
+            // Nothing cached: the broker's own margin is the right one.
             _ => None,
         };
         async move {
             if let Some(r) = fast {
                 return r;
             }
-            // Zero: the broker applies its own margin, min(30 s, lifetime / 10),
-            // the same rule as `fresh_until_ms`. Asking for `max_margin` would
-            // force a refresh of every token that lives under five minutes.
             state
-                .with_client(|c| async move { c.get_token(&state.profile, Duration::ZERO).await })
+                .with_client(|c| async move { c.get_token(&state.profile, min_valid).await })
                 .await
         }
     }

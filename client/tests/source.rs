@@ -87,6 +87,17 @@ async fn stale_cache_falls_back_to_get_token_once() {
     assert_eq!(src.token().await.unwrap().generation, 5);
     assert_eq!(src.token().await.unwrap().generation, 5);
     assert_eq!(mock.count(is_get), 1, "the fallback answer is cached");
+    // It asked for exactly the source's own margin (10 s of a 101 s lifetime),
+    // so the broker refreshes when the source would, no sooner and no later.
+    let asked: Vec<u64> = mock
+        .requests()
+        .iter()
+        .filter_map(|r| match r {
+            Request::GetToken { min_valid_secs, .. } => Some(*min_valid_secs),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, [11]);
 }
 
 #[tokio::test]
