@@ -77,6 +77,8 @@ struct Inner {
     idp: Idp,
     deps: EngineDeps,
     profiles: Mutex<BTreeMap<String, Slot>>,
+    /// Set by `drain`: from then on no engine starts and no logout runs.
+    closing: std::sync::atomic::AtomicBool,
     admin: tokio::sync::Mutex<()>,
     throttle: UnlockThrottle,
 }
@@ -155,6 +157,7 @@ impl Service {
                 idp,
                 deps,
                 profiles: Mutex::new(BTreeMap::new()),
+                closing: std::sync::atomic::AtomicBool::new(false),
                 admin: tokio::sync::Mutex::new(()),
                 throttle: UnlockThrottle::default(),
             }),
@@ -251,15 +254,24 @@ impl Service {
 
     /// Stops every engine after its running refresh has saved. Called at shutdown.
     pub async fn drain(&self) {
-        let engines: Vec<_> = self
-            .lock_profiles()
-            .values()
-            .filter_map(|slot| match &slot.entry {
-                Entry::Engine(engine) => Some(engine.clone()),
-                _ => None,
-            })
-            .collect();
+        let engines: Vec<_> = {
+            let profiles = self.lock_profiles();
+            // Under the same lock that every engine start takes, so no engine
+            // can start after this list is made.
+            self.inner.closing.store(true, Ordering::SeqCst);
+            profiles
+                .values()
+                .filter_map(|slot| match &slot.entry {
+                    Entry::Engine(engine) => Some(engine.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
         futures::future::join_all(engines.iter().map(|e| e.stop())).await;
+    }
+
+    fn closing(&self) -> bool {
+        self.inner.closing.load(Ordering::SeqCst)
     }
 
     fn lock_profiles(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
@@ -343,6 +355,9 @@ impl Service {
         .await
         .map_err(|e| Error::io("loading profiles", std::io::Error::other(e)))??;
         let mut profiles = self.lock_profiles();
+        if self.closing() {
+            return Err(Error::Invalid("the broker is shutting down".into()));
+        }
         for (name, record) in loaded {
             if matches!(
                 profiles.get(&name).map(|s| &s.entry),
@@ -476,6 +491,9 @@ impl Service {
                     .await
                     .map_err(|e| Error::io("saving the profile", std::io::Error::other(e)))??;
                 let mut profiles = self.lock_profiles();
+                if self.closing() {
+                    return Err(Error::Invalid("the broker is shutting down".into()));
+                }
                 let events = profiles
                     .get(&name)
                     .map(|s| s.events.clone())
@@ -502,6 +520,11 @@ impl Service {
 
     async fn logout(&self, profile: &str, revoke: bool) -> Result<Response, BrokerError> {
         let _admin = self.inner.admin.lock().await;
+        if self.closing() {
+            return Err(BrokerError::bad_request(
+                "the broker is shutting down; log out after it restarts",
+            ));
+        }
         // Hide the profile first, so nothing is served while it is revoked.
         let previous = {
             let mut profiles = self.lock_profiles();
@@ -550,7 +573,7 @@ impl Service {
                 // The file is still there: bring the profile back as it was.
                 // (After a revocation there is nothing worth bringing back.)
                 let mut profiles = self.lock_profiles();
-                if let Some(slot) = profiles.get_mut(profile) {
+                if let Some(slot) = profiles.get_mut(profile).filter(|_| !self.closing()) {
                     slot.entry = match record {
                         Some(record) => Entry::Engine(Arc::new(engine::spawn(
                             record,
