@@ -245,8 +245,23 @@ impl Actor {
         }
     }
 
+    /// True when the record holds no refresh token: the grant is dead, whatever
+    /// job (such as retrying the deletion of the dead token) is running.
+    fn grant_dead(&self) -> bool {
+        self.record.refresh_token.is_none()
+    }
+
     fn handle(&mut self, command: Command) -> Option<Job> {
         self.end_backoff_if_due();
+        if self.grant_dead() {
+            if let Command::GetToken { reply, .. }
+            | Command::Invalidate { reply, .. }
+            | Command::Refresh { reply } = command
+            {
+                let _ = reply.send(Err(self.reauth_error()));
+                return None;
+            }
+        }
         match command {
             Command::GetToken {
                 min_valid_secs,
@@ -608,7 +623,13 @@ impl Actor {
         let token = self.serveable();
         let snapshot = Snapshot {
             token: token.clone(),
-            phase: self.phase.kind(),
+            // What callers see follows the record: a dead grant reads as
+            // reauth_required even while its deletion is being retried.
+            phase: if self.grant_dead() {
+                PhaseKind::ReauthRequired
+            } else {
+                self.phase.kind()
+            },
             refresh_due_ms: self.refresh_due_ms(),
             status: self.status(),
         };
