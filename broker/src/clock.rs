@@ -75,11 +75,6 @@ impl ManualClock {
             false
         });
     }
-
-    /// Tasks currently sleeping on this clock.
-    pub fn sleepers(&self) -> usize {
-        self.now.receiver_count()
-    }
 }
 
 impl Clock for ManualClock {

@@ -57,6 +57,7 @@ async fn main() {
     loop {
         ticker.tick().await;
         beat += 1;
+        tracing::debug!(beat, "heartbeat attempt");
         let req = http::Request::post(&url)
             .header("content-type", "application/json")
             .body(http_body_util::Full::new(Bytes::from(format!(

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bincode::Options;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -177,11 +177,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let result = tokio_serde::Deserializer::<T>::deserialize(Pin::new(&mut self.wire), &frame);
         frame.zeroize_bytes();
         result.map(Some)
-    }
-
-    /// Bytes received but not yet returned as a frame.
-    pub fn buffered(&self) -> usize {
-        self.buf.remaining()
     }
 }
 

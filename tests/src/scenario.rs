@@ -51,17 +51,20 @@ pub async fn broker_ctl(socket: &Path, args: &[&str]) -> Output {
         .expect("running broker-ctl")
 }
 
+/// A real provider, a broker, a connected client, and one imported grant.
+pub struct WithProfile {
+    pub provider: crate::oidc_provider::OidcProvider,
+    pub broker: crate::broker_process::BrokerProcess,
+    pub client: BrokerClient,
+    /// The minted token response that was imported.
+    pub minted: Value,
+    /// The broker's answer to the import.
+    pub imported: ProfileStatus,
+}
+
 /// The real provider with `ttl`-second access tokens, a broker, a connected
-/// client, and one grant of the public client imported as `default`. Also
-/// returns the minted token response.
-pub async fn provider_with_profile(
-    ttl: u64,
-) -> (
-    crate::oidc_provider::OidcProvider,
-    crate::broker_process::BrokerProcess,
-    BrokerClient,
-    Value,
-) {
+/// client, and one grant of the public client imported as `default`.
+pub async fn provider_with_profile(ttl: u64) -> WithProfile {
     use crate::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
     let provider = OidcProvider::start(ttl).await;
     let broker = crate::broker_process::BrokerProcess::start(Default::default());
@@ -69,7 +72,7 @@ pub async fn provider_with_profile(
     let minted = provider
         .mint(PUBLIC_CLIENT_ID, &["openid", "offline_access"])
         .await;
-    import(
+    let imported = import(
         &client,
         "default",
         provider.issuer(),
@@ -77,5 +80,11 @@ pub async fn provider_with_profile(
         &minted,
     )
     .await;
-    (provider, broker, client, minted)
+    WithProfile {
+        provider,
+        broker,
+        client,
+        minted,
+        imported,
+    }
 }

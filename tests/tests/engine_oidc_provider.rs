@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use kontext_broker_client::{Error, WatchEvent};
-use kontext_broker_tests::scenario::{broker_ctl, connect, provider_with_profile};
+use kontext_broker_tests::scenario::{broker_ctl, connect, provider_with_profile, WithProfile};
 
 const PROFILE: &str = "default";
 
@@ -18,7 +18,12 @@ fn unix_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_every_200ms_for_30s_never_sees_an_expired_token() {
-    let (provider, broker, client, _) = provider_with_profile(5).await;
+    let WithProfile {
+        provider,
+        broker,
+        client,
+        ..
+    } = provider_with_profile(5).await;
 
     // A watcher records when each new token arrived, to show refreshes are proactive.
     let mut watch = client.watch(PROFILE).await.unwrap();
@@ -97,7 +102,12 @@ async fn a_heartbeat_every_200ms_for_30s_never_sees_an_expired_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_latency_against_the_real_provider() {
-    let (provider, _broker, client, _) = provider_with_profile(60).await;
+    let WithProfile {
+        provider,
+        broker: _broker,
+        client,
+        ..
+    } = provider_with_profile(60).await;
     let mut samples = Vec::new();
     let mut last = 0;
     for _ in 0..20 {
@@ -121,7 +131,12 @@ async fn refresh_latency_against_the_real_provider() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_the_provider_forgot_means_reauth_required() {
-    let (mut provider, broker, client, _) = provider_with_profile(60).await;
+    let WithProfile {
+        mut provider,
+        broker,
+        client,
+        ..
+    } = provider_with_profile(60).await;
     // In-memory storage: a restart kills every grant.
     provider.restart().await;
     let err = client.refresh(PROFILE).await.unwrap_err();

@@ -6,12 +6,10 @@ use std::time::{Duration, Instant};
 
 use kontext_broker_client::{BrokerTokenSource, TokenSource};
 use kontext_broker_tests::backend::provider_stats;
-use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
-use kontext_broker_tests::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
-use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_tests::broker_process::BrokerProcess;
+use kontext_broker_tests::scenario::{connect, provider_with_profile, WithProfile};
 
 const PROFILE: &str = "default";
-const SCOPES: &[&str] = &["openid", "offline_access"];
 const SOURCES: usize = 10;
 const REFRESHES: usize = 20;
 /// Generous bound on one push's delay; the 50 ms budget is for benchmarks.
@@ -55,18 +53,13 @@ async fn requests_logged(broker: &BrokerProcess, request: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_source_gets_every_refreshed_token_pushed() {
     // 60 s tokens: no proactive refresh, and no source ever holds a stale token.
-    let provider = OidcProvider::start(60).await;
-    let broker = BrokerProcess::start(BrokerOptions::default());
-    let client = connect(broker.socket()).await;
-    let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    let imported = import(
-        &client,
-        PROFILE,
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
+    let WithProfile {
+        provider,
+        broker,
+        client,
+        imported,
+        ..
+    } = provider_with_profile(60).await;
 
     let sources: Vec<BrokerTokenSource> = (0..SOURCES)
         .map(|_| BrokerTokenSource::builder().socket(broker.socket()).build())
@@ -174,28 +167,19 @@ async fn every_source_gets_every_refreshed_token_pushed() {
 /// A source asked for a token before its first push falls back to `GetToken`,
 /// and must not make the broker refresh a token it would itself consider fresh.
 ///
-/// FAILS with the current client: `client/src/source.rs`, `TokenSource::token`
-/// for `BrokerTokenSource`, passes `min_valid = max_margin` (30 s by default) to
-/// `GetToken`. The broker caps the need at `lifetime - margin` (SPEC §5), so for
-/// any lifetime under 5 min the broker refreshes a token the source's own rule
-/// (`expires - min(30 s, lifetime / 10)`) calls fresh: here a 5 s token older than
-/// 0.5 s. Fix: pass the source's own margin, i.e. `Duration::ZERO` (the broker
-/// then applies `min(30 s, lifetime / 10)`, the same rule), or
-/// `min(max_margin, lifetime / 10)` when a stale token of known lifetime is cached.
+/// Guards a fixed bug: the source used to ask for `max_margin` (30 s) of
+/// validity, which the broker caps at `lifetime - margin`, so every token
+/// living under 5 min was refreshed on a cold start. It now asks for nothing
+/// when cold (the broker's margin is the source's) and for its own margin when
+/// its cached token is stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_source_does_not_force_a_refresh() {
-    let provider = OidcProvider::start(5).await;
-    let broker = BrokerProcess::start(BrokerOptions::default());
-    let client = connect(broker.socket()).await;
-    let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    let imported = import(
-        &client,
-        PROFILE,
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
+    let WithProfile {
+        provider,
+        broker,
+        imported,
+        ..
+    } = provider_with_profile(5).await;
     // The condition under test: a token past a tenth of its lifetime, far
     // from the broker's 80% refresh point.
     tokio::time::sleep(Duration::from_secs(1)).await;

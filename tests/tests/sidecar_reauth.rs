@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use kontext_broker_client::{BrokerTokenSource, Error, TokenSource};
 use kontext_broker_tests::backend::{provider_stats, Backend, Validator};
-use kontext_broker_tests::broker_process::{broker_binary, BrokerOptions, BrokerProcess};
-use kontext_broker_tests::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
-use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_tests::broker_process::broker_binary;
+use kontext_broker_tests::scenario::{provider_with_profile, WithProfile};
 
 const PROFILE: &str = "default";
-const SCOPES: &[&str] = &["openid", "offline_access"];
 const REAUTH_MESSAGE: &str = "Session expired, run `kontext login` to re-authenticate";
 /// What `client/examples/sidecar.rs` logs when the login is dead.
 const EXAMPLE_REAUTH_LINE: &str = "login expired; run `kontext login`";
+/// The example's per-beat debug line.
+const EXAMPLE_ATTEMPT_LINE: &str = "heartbeat attempt";
 /// Safety net for events that take milliseconds.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -43,6 +43,22 @@ fn assert_reauth(result: Result<kontext_broker_client::Token, Error>) {
     }
 }
 
+/// Waits until `path` contains `needle` at least `n` times.
+async fn wait_for_count(path: &std::path::Path, needle: &str, n: usize) {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.matches(needle).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} of {needle:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `path` contains `needle`; returns the content.
 async fn wait_for_log(path: &std::path::Path, needle: &str) -> String {
     let deadline = Instant::now() + EVENT_TIMEOUT;
@@ -58,19 +74,14 @@ async fn wait_for_log(path: &std::path::Path, needle: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_grant_makes_every_source_report_reauth_once() {
-    let mut provider = OidcProvider::start(60).await;
-    let mut broker = BrokerProcess::start(BrokerOptions::default());
+    let WithProfile {
+        mut provider,
+        mut broker,
+        client,
+        imported,
+        ..
+    } = provider_with_profile(60).await;
     let backend = Backend::start(Validator::introspection(provider.issuer())).await;
-    let client = connect(broker.socket()).await;
-    let minted = provider.mint(PUBLIC_CLIENT_ID, SCOPES).await;
-    let imported = import(
-        &client,
-        PROFILE,
-        provider.issuer(),
-        PUBLIC_CLIENT_ID,
-        &minted,
-    )
-    .await;
 
     let sources: Vec<BrokerTokenSource> = (0..3)
         .map(|_| BrokerTokenSource::builder().socket(broker.socket()).build())
@@ -88,7 +99,7 @@ async fn a_forgotten_grant_makes_every_source_report_reauth_once() {
         .arg("200")
         .arg(PROFILE)
         .env("KONTEXT_BROKER_SOCKET", broker.socket())
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,sidecar=debug")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -123,9 +134,11 @@ async fn a_forgotten_grant_makes_every_source_report_reauth_once() {
     }
 
     // The example logs it once, and not again over the next heartbeats.
-    wait_for_log(&log_path, EXAMPLE_REAUTH_LINE).await;
+    let at_reauth = wait_for_log(&log_path, EXAMPLE_REAUTH_LINE).await;
     let beats_at_reauth = backend.counts().requests;
-    tokio::time::sleep(Duration::from_millis(1200)).await; // 6 more beats of 200 ms
+    // Evidence, not a timer: six more heartbeat attempts are logged after it.
+    let attempts = at_reauth.matches(EXAMPLE_ATTEMPT_LINE).count();
+    wait_for_count(&log_path, EXAMPLE_ATTEMPT_LINE, attempts + 6).await;
     example.start_kill().unwrap();
     example.wait().await.unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();

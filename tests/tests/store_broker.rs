@@ -10,7 +10,7 @@ use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
 use kontext_broker_tests::oidc_provider::PUBLIC_CLIENT_ID;
 use kontext_broker_tests::scenario::{
-    broker_ctl, broker_ctl_binary, connect, import, provider_with_profile,
+    broker_ctl, broker_ctl_binary, connect, import, provider_with_profile, WithProfile,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -180,7 +180,13 @@ async fn a_corrupt_profile_is_isolated_reported_and_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_revokes_at_the_provider_deletes_the_file_and_tells_watchers() {
-    let (provider, broker, client, minted) = provider_with_profile(60).await;
+    let WithProfile {
+        provider,
+        broker,
+        client,
+        minted,
+        ..
+    } = provider_with_profile(60).await;
     let refresh_token = minted["refresh_token"].as_str().unwrap();
     assert!(provider.introspect_active(refresh_token).await);
     let mut watch = client.watch("default").await.unwrap();
