@@ -18,8 +18,8 @@ use std::time::Instant;
 use futures::stream::{self, BoxStream, StreamExt};
 use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::{
-    BrokerError, BrokerStatus, ImportRequest, ProfileState, ProfileStatus, Request, Response,
-    Secret, StatusReport, WatchEvent,
+    BrokerError, BrokerStatus, ClientCredential, ImportRequest, ProfileState, ProfileStatus,
+    Request, Response, Secret, StatusReport, WatchEvent,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -215,6 +215,9 @@ impl Service {
                 Ok(Response::Done)
             }
             Request::Ping => Ok(Response::Pong),
+            Request::SetClient(_) | Request::StatusPage { .. } => Err(BrokerError::bad_request(
+                "this broker does not implement SetClient or StatusPage yet",
+            )),
             Request::Watch { .. } => Err(BrokerError::bad_request(
                 "Watch is a subscription; the connection handler serves it",
             )),
@@ -424,8 +427,10 @@ impl Service {
                 locked: self.inner.store.is_locked(),
                 connections: stats.connections.load(Ordering::Relaxed),
                 rejected_peers: stats.rejected_peers.load(Ordering::Relaxed),
+                handshake_timeouts: 0,
             },
             profiles,
+            next_after: None,
         }
     }
 
@@ -681,6 +686,7 @@ fn bare_status(name: &str, state: ProfileState, last_error: Option<String>) -> P
         last_refresh_at: None,
         next_refresh_at: None,
         last_error,
+        lifetime_source: None,
     }
 }
 
@@ -707,7 +713,10 @@ pub fn record_from_response(
         name: import.profile,
         issuer: import.issuer,
         client_id: import.client_id,
-        client_secret: import.client_secret,
+        client_secret: match import.credential {
+            ClientCredential::Secret(secret) => Some(secret),
+            ClientCredential::None | ClientCredential::PrivateKey(_) => None,
+        },
         scopes: import.scopes.clone(),
         audience: None,
         endpoints,
@@ -738,5 +747,7 @@ pub fn request_name(request: &Request) -> &'static str {
         Request::Lock => "Lock",
         Request::Shutdown => "Shutdown",
         Request::Ping => "Ping",
+        Request::SetClient(_) => "SetClient",
+        Request::StatusPage { .. } => "StatusPage",
     }
 }

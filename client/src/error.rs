@@ -51,6 +51,14 @@ pub enum Error {
         /// The broker's instruction, e.g. "Session expired, run `kontext login` ...".
         message: String,
     },
+    /// The IdP rejected the client's credential (not the grant). `message` names the fix.
+    #[error("{message}")]
+    ClientRejected {
+        /// The profile whose client was rejected.
+        profile: String,
+        /// The broker's explanation: issuer, client id and `broker-ctl client`.
+        message: String,
+    },
     /// The IdP is unreachable and no valid token is cached.
     #[error("identity provider unavailable ({detail}); the broker retries in {}s", retry_after.as_secs())]
     Unavailable {
@@ -130,6 +138,9 @@ impl From<BrokerError> for Error {
                 Error::VersionMismatch { broker, client }
             }
             BrokerError::Internal { detail } => Error::Internal { detail },
+            BrokerError::ClientRejected { profile, message } => {
+                Error::ClientRejected { profile, message }
+            }
         }
     }
 }

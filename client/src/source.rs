@@ -127,7 +127,8 @@ impl State {
             }
             WatchEvent::ReauthRequired { message, .. } => self.set_reauth(message),
             WatchEvent::Removed { .. } => self.set(Cached::Empty),
-            WatchEvent::State { .. } => {}
+            // The broker keeps serving the current token while it is valid.
+            WatchEvent::State { .. } | WatchEvent::ClientRejected { .. } => {}
         }
     }
 

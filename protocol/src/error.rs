@@ -29,6 +29,9 @@ pub enum BrokerError {
     /// A bug or an unexpected local failure (disk, permissions).
     #[error("internal broker error: {detail}")]
     Internal { detail: String },
+    /// The IdP rejected the client (not the grant); `message` names the issuer, client and fix.
+    #[error("{message}")]
+    ClientRejected { profile: String, message: String },
 }
 
 /// Stable, machine-readable error codes. The numbers never change meaning.
@@ -42,6 +45,7 @@ pub enum ErrorCode {
     BadRequest = 5,
     VersionMismatch = 6,
     Internal = 7,
+    ClientRejected = 8,
 }
 
 impl ErrorCode {
@@ -55,6 +59,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::VersionMismatch => "version_mismatch",
             ErrorCode::Internal => "internal",
+            ErrorCode::ClientRejected => "client_rejected",
         }
     }
 }
@@ -70,6 +75,7 @@ impl BrokerError {
             BrokerError::BadRequest { .. } => ErrorCode::BadRequest,
             BrokerError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             BrokerError::Internal { .. } => ErrorCode::Internal,
+            BrokerError::ClientRejected { .. } => ErrorCode::ClientRejected,
         }
     }
 

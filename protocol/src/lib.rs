@@ -18,7 +18,7 @@ pub use message::*;
 pub use secret::Secret;
 
 /// Version spoken by this crate. Bumped on any change to the encoded bytes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame payload either side accepts or sends, in bytes.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;

@@ -98,6 +98,77 @@ pub enum Request {
     Lock,
     Shutdown,
     Ping,
+    /// Replace a profile's client credential, keep its grant, and refresh at once.
+    SetClient(SetClientRequest),
+    /// The next page of `Status`: profiles whose names sort after `after`.
+    StatusPage {
+        after: String,
+    },
+}
+
+/// How the broker authenticates a profile's client at the IdP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClientAuthMethod {
+    /// A public client: only `client_id` is sent.
+    None,
+    /// RFC 6749 §2.3.1 HTTP Basic.
+    ClientSecretBasic,
+    /// RFC 6749 §2.3.1 form fields.
+    ClientSecretPost,
+    /// RFC 7523 §2.2 signed assertion (OpenID Connect Core §9).
+    PrivateKeyJwt,
+}
+
+impl ClientAuthMethod {
+    /// The RFC 8414 / OpenID Connect registry name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuthMethod::None => "none",
+            ClientAuthMethod::ClientSecretBasic => "client_secret_basic",
+            ClientAuthMethod::ClientSecretPost => "client_secret_post",
+            ClientAuthMethod::PrivateKeyJwt => "private_key_jwt",
+        }
+    }
+
+    /// Parses a registry name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            ClientAuthMethod::None,
+            ClientAuthMethod::ClientSecretBasic,
+            ClientAuthMethod::ClientSecretPost,
+            ClientAuthMethod::PrivateKeyJwt,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == name)
+    }
+}
+
+/// A client's credential. Both secrets are held encrypted at rest, never printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientCredential {
+    /// A public client.
+    None,
+    /// A client secret (`client_secret_basic` or `client_secret_post`).
+    Secret(Secret),
+    /// A PEM private key (RSA or EC P-256) for `private_key_jwt`.
+    PrivateKey(Secret),
+}
+
+/// Endpoints that replace or fill what discovery found, per profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointOverrides {
+    pub token: Option<String>,
+    pub revocation: Option<String>,
+    pub device_authorization: Option<String>,
+}
+
+/// New client credentials for an existing profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetClientRequest {
+    pub profile: String,
+    pub credential: ClientCredential,
+    /// `None` lets the broker choose from the server's metadata.
+    pub client_auth: Option<ClientAuthMethod>,
 }
 
 /// Adds or replaces a profile from a token endpoint response obtained elsewhere.
@@ -106,8 +177,11 @@ pub struct ImportRequest {
     pub profile: String,
     pub issuer: String,
     pub client_id: String,
-    pub client_secret: Option<Secret>,
+    pub credential: ClientCredential,
+    /// `None` lets the broker choose from the server's metadata.
+    pub client_auth: Option<ClientAuthMethod>,
     pub scopes: Vec<String>,
+    pub endpoints: EndpointOverrides,
     /// The RFC 6749 §5.1 JSON body, verbatim. It holds tokens, hence `Secret`.
     pub token_response: Secret,
 }
@@ -115,10 +189,11 @@ pub struct ImportRequest {
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    /// For `GetToken`, `Invalidate` and `Refresh`.
+    /// For `GetToken`, `Invalidate`, `Refresh` and `SetClient`.
     Token(Token),
     /// For `Watch`: events with this request's id follow.
     Watching,
+    /// For `Status` and `StatusPage`.
     Status(StatusReport),
     Imported(ProfileStatus),
     LoggedOut {
@@ -169,6 +244,8 @@ pub enum WatchEvent {
     ReauthRequired { profile: String, message: String },
     /// The profile was logged out or deleted.
     Removed { profile: String },
+    /// The IdP rejected the client (not the grant). Sticky until the client changes.
+    ClientRejected { profile: String, message: String },
 }
 
 impl WatchEvent {
@@ -178,7 +255,8 @@ impl WatchEvent {
             WatchEvent::Token { profile, .. }
             | WatchEvent::State { profile, .. }
             | WatchEvent::ReauthRequired { profile, .. }
-            | WatchEvent::Removed { profile } => profile,
+            | WatchEvent::Removed { profile }
+            | WatchEvent::ClientRejected { profile, .. } => profile,
         }
     }
 }
@@ -200,6 +278,8 @@ pub enum ProfileState {
     Locked,
     /// The profile file could not be read or decrypted.
     Error,
+    /// The IdP rejected the client's credential; the grant is kept.
+    ClientRejected,
 }
 
 impl ProfileState {
@@ -213,6 +293,7 @@ impl ProfileState {
             ProfileState::ReauthRequired => "reauth_required",
             ProfileState::Locked => "locked",
             ProfileState::Error => "error",
+            ProfileState::ClientRejected => "client_rejected",
         }
     }
 }
@@ -222,6 +303,8 @@ impl ProfileState {
 pub struct StatusReport {
     pub broker: BrokerStatus,
     pub profiles: Vec<ProfileStatus>,
+    /// Set when more profiles follow: ask `StatusPage { after }` with this name.
+    pub next_after: Option<String>,
 }
 
 /// Broker-wide figures for `Status`.
@@ -237,6 +320,8 @@ pub struct BrokerStatus {
     pub connections: u64,
     /// Peers closed since start because their uid differed.
     pub rejected_peers: u64,
+    /// Connections closed since start because no complete `Hello` came in time.
+    pub handshake_timeouts: u64,
 }
 
 /// One profile in `Status`. Times are unix seconds; `broker-ctl` renders RFC 3339.
@@ -254,4 +339,28 @@ pub struct ProfileStatus {
     pub last_refresh_at: Option<u64>,
     pub next_refresh_at: Option<u64>,
     pub last_error: Option<String>,
+    /// Where the current token's lifetime came from; `None` without a token.
+    pub lifetime_source: Option<LifetimeSource>,
+}
+
+/// Where an access token's lifetime came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LifetimeSource {
+    /// The token response's `expires_in`.
+    ExpiresIn,
+    /// The access token's JWT `exp` claim, read without verification.
+    JwtExp,
+    /// The profile's `default_token_lifetime`.
+    Default,
+}
+
+impl LifetimeSource {
+    /// The snake_case name used in `status` output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifetimeSource::ExpiresIn => "expires_in",
+            LifetimeSource::JwtExp => "jwt_exp",
+            LifetimeSource::Default => "default",
+        }
+    }
 }

@@ -32,7 +32,9 @@ pub async fn import(
             profile: profile.into(),
             issuer: issuer.into(),
             client_id: client_id.into(),
-            client_secret: None,
+            credential: kontext_broker_protocol::ClientCredential::None,
+            client_auth: None,
+            endpoints: Default::default(),
             scopes: vec!["openid".into(), "offline_access".into()],
             token_response: Secret::new(response.to_string()),
         })

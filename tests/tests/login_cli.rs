@@ -198,7 +198,9 @@ async fn doctor_passes_on_a_healthy_setup_and_checks_each_profile() {
             profile: "default".into(),
             issuer: idp.issuer().into(),
             client_id: PUBLIC_CLIENT_ID.into(),
-            client_secret: None,
+            credential: kontext_broker_protocol::ClientCredential::None,
+            client_auth: None,
+            endpoints: Default::default(),
             scopes: vec!["openid".into(), "offline_access".into()],
             token_response: grant.to_string().into(),
         })

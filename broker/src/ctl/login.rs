@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kontext_broker_protocol::{paths, ImportRequest, DEFAULT_PROFILE};
+use kontext_broker_protocol::{paths, ClientCredential, ImportRequest, DEFAULT_PROFILE};
 
 use super::{connect, exit, read_secret_file, rfc3339, Failure};
 use crate::config::Config;
@@ -163,8 +163,12 @@ pub async fn run(
             profile: args.profile.clone(),
             issuer: args.issuer.clone(),
             client_id: outcome.client_id.clone(),
-            client_secret: outcome.client_secret,
+            credential: outcome
+                .client_secret
+                .map_or(ClientCredential::None, ClientCredential::Secret),
+            client_auth: None,
             scopes: outcome.scopes,
+            endpoints: Default::default(),
             token_response: outcome.token_response,
         })
         .await?;

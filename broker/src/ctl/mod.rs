@@ -16,7 +16,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use futures::StreamExt;
 use kontext_broker_client::{BrokerClient, Error as ClientError};
 use kontext_broker_protocol::{
-    paths, ImportRequest, Request, Response, Secret, Token, DEFAULT_PROFILE,
+    paths, ClientCredential, ImportRequest, Request, Response, Secret, Token, DEFAULT_PROFILE,
 };
 
 pub use render::{rfc3339, status_json, status_table, watch_json, watch_line};
@@ -40,6 +40,8 @@ pub mod exit {
     pub const UNKNOWN_PROFILE: u8 = 6;
     /// The broker's store is locked.
     pub const LOCKED: u8 = 7;
+    /// The IdP rejected the profile's client credential; the grant is kept.
+    pub const CLIENT_REJECTED: u8 = 8;
 }
 
 /// The exit code for a client error.
@@ -54,6 +56,7 @@ pub fn exit_code(e: &ClientError) -> u8 {
         ClientError::Unavailable { .. } => exit::IDP_UNAVAILABLE,
         ClientError::UnknownProfile { .. } => exit::UNKNOWN_PROFILE,
         ClientError::Locked => exit::LOCKED,
+        ClientError::ClientRejected { .. } => exit::CLIENT_REJECTED,
         ClientError::VersionMismatch { .. }
         | ClientError::BadRequest { .. }
         | ClientError::Internal { .. }
@@ -361,8 +364,11 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
                     profile,
                     issuer,
                     client_id,
-                    client_secret,
+                    credential: client_secret
+                        .map_or(ClientCredential::None, ClientCredential::Secret),
+                    client_auth: None,
                     scopes,
+                    endpoints: Default::default(),
                     token_response,
                 })
                 .await?;

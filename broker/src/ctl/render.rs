@@ -157,6 +157,7 @@ pub fn event_name(e: &WatchEvent) -> &'static str {
         WatchEvent::State { .. } => "state",
         WatchEvent::ReauthRequired { .. } => "reauth_required",
         WatchEvent::Removed { .. } => "removed",
+        WatchEvent::ClientRejected { .. } => "client_rejected",
     }
 }
 
@@ -186,7 +187,9 @@ pub fn watch_json(e: &WatchEvent) -> Value {
             v["generation"] = json!(generation);
             v["expires_at"] = opt_time(*expires_at);
         }
-        WatchEvent::ReauthRequired { message, .. } => v["message"] = json!(message),
+        WatchEvent::ReauthRequired { message, .. } | WatchEvent::ClientRejected { message, .. } => {
+            v["message"] = json!(message)
+        }
         WatchEvent::Removed { .. } => {}
     }
     v
@@ -211,7 +214,9 @@ pub fn watch_line(e: &WatchEvent, now: u64) -> String {
             state.as_str(),
             expires_at.map_or_else(|| "-".to_owned(), rfc3339)
         ),
-        WatchEvent::ReauthRequired { message, .. } => format!("{head} {message}"),
+        WatchEvent::ReauthRequired { message, .. } | WatchEvent::ClientRejected { message, .. } => {
+            format!("{head} {message}")
+        }
         WatchEvent::Removed { .. } => head,
     }
 }

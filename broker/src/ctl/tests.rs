@@ -21,8 +21,10 @@ fn report(profiles: Vec<ProfileStatus>) -> StatusReport {
             locked: false,
             connections: 2,
             rejected_peers: 1,
+            handshake_timeouts: 0,
         },
         profiles,
+        next_after: None,
     }
 }
 
@@ -40,6 +42,7 @@ fn profile(name: &str) -> ProfileStatus {
         last_refresh_at: Some(1_699_999_000),
         next_refresh_at: None,
         last_error: Some("invalid_grant".into()),
+        lifetime_source: None,
     }
 }
 
@@ -382,8 +385,10 @@ async fn status_json_end_to_end_is_one_object() {
                 locked: true,
                 connections: 1,
                 rejected_peers: 0,
+                handshake_timeouts: 0,
             },
             profiles: vec![],
+            next_after: None,
         })),
         _ => Err(BrokerError::bad_request("unexpected")),
     })

@@ -686,6 +686,7 @@ impl Actor {
             last_refresh_at: self.counters.last_refresh_at,
             next_refresh_at,
             last_error: self.counters.last_error.clone(),
+            lifetime_source: None,
         }
     }
 }
@@ -708,6 +709,7 @@ fn placeholder_snapshot() -> Snapshot {
             last_refresh_at: None,
             next_refresh_at: None,
             last_error: None,
+            lifetime_source: None,
         },
     }
 }

@@ -32,6 +32,7 @@ fn profile_status() -> ProfileStatus {
         last_refresh_at: None,
         next_refresh_at: Some(8),
         last_error: None,
+        lifetime_source: Some(LifetimeSource::JwtExp),
     }
 }
 
@@ -67,12 +68,18 @@ fn client_golden() -> Vec<(ClientMessage, &'static str)> {
                     profile: p(),
                     issuer: "https://i".into(),
                     client_id: "c".into(),
-                    client_secret: None,
+                    credential: ClientCredential::Secret(Secret::from("s")),
+                    client_auth: Some(ClientAuthMethod::ClientSecretPost),
                     scopes: vec!["openid".into()],
+                    endpoints: EndpointOverrides {
+                        token: None,
+                        revocation: Some("r".into()),
+                        device_authorization: None,
+                    },
                     token_response: Secret::from("{}"),
                 }),
             ),
-            "01000000050000000000000004000000010000000000000070090000000000000068747470733a2f2f6901000000000000006300010000000000000006000000000000006f70656e696402000000000000007b7d",
+            "01000000050000000000000004000000010000000000000070090000000000000068747470733a2f2f69010000000000000063010000000100000000000000730102000000010000000000000006000000000000006f70656e696400010100000000000000720002000000000000007b7d",
         ),
         (req(6, Request::Logout { profile: p(), revoke: true }), "0100000006000000000000000500000001000000000000007001"),
         (req(7, Request::Refresh { profile: p() }), "01000000070000000000000006000000010000000000000070"),
@@ -80,6 +87,18 @@ fn client_golden() -> Vec<(ClientMessage, &'static str)> {
         (req(9, Request::Lock), "01000000090000000000000008000000"),
         (req(10, Request::Shutdown), "010000000a0000000000000009000000"),
         (req(11, Request::Ping), "010000000b000000000000000a000000"),
+        (
+            req(
+                12,
+                Request::SetClient(SetClientRequest {
+                    profile: p(),
+                    credential: ClientCredential::PrivateKey(Secret::from("k")),
+                    client_auth: None,
+                }),
+            ),
+            "010000000c000000000000000b0000000100000000000000700200000001000000000000006b00",
+        ),
+        (req(13, Request::StatusPage { after: p() }), "010000000d000000000000000c000000010000000000000070"),
     ]
 }
 
@@ -109,13 +128,15 @@ fn server_golden() -> Vec<(ServerMessage, &'static str)> {
                         locked: false,
                         connections: 1,
                         rejected_peers: 0,
+                        handshake_timeouts: 2,
                     },
                     profiles: vec![profile_status()],
+                    next_after: Some("p".into()),
                 })),
             ),
-            "010000000300000000000000000000000200000001000000000000003007000000050000000000000002000000000000002f7302000000000000002f6400010000000000000000000000000000000100000000000000010000000000000070090000000000000068747470733a2f2f6901000000000000006301010000000000000073000000000109000000000000000100000000000000020000000000000000000000000000000001080000000000000000",
+            "010000000300000000000000000000000200000001000000000000003007000000050000000000000002000000000000002f7302000000000000002f64000100000000000000000000000000000002000000000000000100000000000000010000000000000070090000000000000068747470733a2f2f6901000000000000006301010000000000000073000000000109000000000000000100000000000000020000000000000000000000000000000001080000000000000000010100000001010000000000000070",
         ),
-        (resp(4, Ok(Response::Imported(profile_status()))), "0100000004000000000000000000000003000000010000000000000070090000000000000068747470733a2f2f6901000000000000006301010000000000000073000000000109000000000000000100000000000000020000000000000000000000000000000001080000000000000000"),
+        (resp(4, Ok(Response::Imported(profile_status()))), "0100000004000000000000000000000003000000010000000000000070090000000000000068747470733a2f2f69010000000000000063010100000000000000730000000001090000000000000001000000000000000200000000000000000000000000000000010800000000000000000101000000"),
         (
             resp(5, Ok(Response::LoggedOut { revoked: false, revoke_error: Some("x".into()) })),
             "01000000050000000000000000000000040000000001010000000000000078",
@@ -159,6 +180,17 @@ fn server_golden() -> Vec<(ServerMessage, &'static str)> {
             "0200000003000000000000000200000001000000000000007001000000000000006d",
         ),
         (ServerMessage::Event { id: 3, event: WatchEvent::Removed { profile: p() } }, "02000000030000000000000003000000010000000000000070"),
+        (
+            resp(14, Err(BrokerError::ClientRejected { profile: p(), message: "m".into() })),
+            "010000000e00000000000000010000000700000001000000000000007001000000000000006d",
+        ),
+        (
+            ServerMessage::Event {
+                id: 3,
+                event: WatchEvent::ClientRejected { profile: p(), message: "m".into() },
+            },
+            "0200000003000000000000000400000001000000000000007001000000000000006d",
+        ),
     ]
 }
 
@@ -282,8 +314,12 @@ fn arb_request() -> impl Strategy<Value = Request> {
                     profile: "p".into(),
                     issuer,
                     client_id,
-                    client_secret: secret.map(Secret::new),
+                    credential: secret
+                        .map(|s| ClientCredential::Secret(Secret::new(s)))
+                        .unwrap_or(ClientCredential::None),
+                    client_auth: None,
                     scopes,
+                    endpoints: EndpointOverrides::default(),
                     token_response: Secret::from("{}"),
                 }
             )),
@@ -293,6 +329,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
             passphrase: Secret::new(p)
         }),
         Just(Request::Status),
+        arb_string().prop_map(|after| Request::StatusPage { after }),
         Just(Request::Ping),
     ]
 }
@@ -309,6 +346,8 @@ fn arb_error() -> impl Strategy<Value = BrokerError> {
         }),
         Just(BrokerError::Locked),
         arb_string().prop_map(BrokerError::internal),
+        (arb_string(), arb_string())
+            .prop_map(|(profile, message)| BrokerError::ClientRejected { profile, message }),
     ]
 }
 
