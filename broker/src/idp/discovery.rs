@@ -1,10 +1,16 @@
-//! Endpoint discovery: OpenID Connect Discovery first, RFC 8414 second.
+//! Endpoint discovery: the OpenID Connect and the RFC 8414 documents, merged.
 //!
-//! The kontext backend serves only RFC 8414 metadata, so both are needed. Only
-//! the endpoints are used here; ID token validation during login fetches the
-//! full OIDC metadata through openidconnect.
+//! Both documents are read (the kontext backend serves only RFC 8414; servers
+//! such as django-oauth-toolkit list `revocation_endpoint` only there). Each is
+//! checked on its own (issuer, endpoint schemes); a document that fails its
+//! checks is ignored with a warning. The OIDC document is primary: an endpoint
+//! it lacks is taken from the RFC 8414 one. Only the endpoints and a few lists
+//! are used here; ID token validation during login fetches the full OIDC
+//! metadata through openidconnect.
 
+use kontext_broker_protocol::EndpointOverrides;
 use serde::Deserialize;
+use tracing::warn;
 use url::Url;
 
 use super::http::{Http, HttpError};
@@ -12,20 +18,27 @@ use super::issuer::{validate_endpoint, validate_issuer};
 use crate::store::Endpoints;
 use crate::{Error, Result};
 
-#[derive(Deserialize)]
-struct Metadata {
-    issuer: String,
-    token_endpoint: Option<String>,
-    authorization_endpoint: Option<String>,
-    revocation_endpoint: Option<String>,
-    device_authorization_endpoint: Option<String>,
-    registration_endpoint: Option<String>,
-    userinfo_endpoint: Option<String>,
-    introspection_endpoint: Option<String>,
-    jwks_uri: Option<String>,
+/// What the broker uses of an issuer's metadata, merged from both documents.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Metadata {
+    /// The issuer the document names (checked against the one asked for).
+    #[serde(default)]
+    pub issuer: String,
+    pub token_endpoint: Option<String>,
+    pub authorization_endpoint: Option<String>,
+    pub revocation_endpoint: Option<String>,
+    pub device_authorization_endpoint: Option<String>,
+    pub registration_endpoint: Option<String>,
+    pub userinfo_endpoint: Option<String>,
+    pub introspection_endpoint: Option<String>,
+    pub jwks_uri: Option<String>,
+    /// `None` when the server does not say (then any scope may be asked for).
+    pub scopes_supported: Option<Vec<String>>,
+    pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    pub revocation_endpoint_auth_methods_supported: Option<Vec<String>>,
 }
 
-/// The two well-known documents, in the order they are tried.
+/// The two well-known documents: OIDC first, RFC 8414 second.
 fn candidates(issuer: &Url) -> [Url; 2] {
     let path = issuer.path().trim_end_matches('/');
     let mut oidc = issuer.clone();
@@ -36,32 +49,171 @@ fn candidates(issuer: &Url) -> [Url; 2] {
     [oidc, rfc8414]
 }
 
-/// Discovers `issuer`'s endpoints. A document whose `issuer` differs from the one
-/// asked for is refused (OIDC Discovery §4.3, RFC 8414 §3.3): it could send
-/// tokens elsewhere.
+/// Discovers `issuer`'s endpoints. See [`discover_metadata`].
 pub async fn discover(http: &Http, issuer: &str) -> Result<Endpoints> {
+    discover_metadata(http, issuer)
+        .await?
+        .endpoints(issuer, &EndpointOverrides::default())
+}
+
+/// Discovers `issuer`'s endpoints and applies per-profile `overrides` (validated
+/// like discovered endpoints). When no metadata document exists at all, the
+/// overrides alone do, provided they name a token endpoint.
+pub async fn discover_with(
+    http: &Http,
+    issuer: &str,
+    overrides: &EndpointOverrides,
+) -> Result<Endpoints> {
+    validate_overrides(overrides)?;
+    match load(http, issuer).await? {
+        Loaded::Metadata(metadata) => metadata.endpoints(issuer, overrides),
+        Loaded::Nothing(detail) if overrides.token.is_some() => {
+            warn!(issuer, %detail, "no discovery document; using the configured endpoints only");
+            Metadata::default().endpoints(issuer, overrides)
+        }
+        Loaded::Nothing(detail) => Err(Error::Invalid(detail)),
+    }
+}
+
+/// Reads both well-known documents and merges those that pass their checks.
+/// A document whose `issuer` differs from the one asked for is refused (OIDC
+/// Discovery §4.3, RFC 8414 §3.3): it could send tokens elsewhere.
+pub async fn discover_metadata(http: &Http, issuer: &str) -> Result<Metadata> {
+    match load(http, issuer).await? {
+        Loaded::Metadata(metadata) => Ok(metadata),
+        Loaded::Nothing(detail) => Err(Error::Invalid(detail)),
+    }
+}
+
+/// What [`load`] found.
+enum Loaded {
+    /// At least one document passed its checks.
+    Metadata(Metadata),
+    /// Neither document exists (not a transient failure, not a refusal).
+    Nothing(String),
+}
+
+/// Fetches both documents at once and merges the usable ones.
+async fn load(http: &Http, issuer: &str) -> Result<Loaded> {
     let issuer_url = validate_issuer(issuer)?;
+    let [oidc, rfc8414] = candidates(&issuer_url);
+    let (first, second) = futures::join!(fetch(http, &oidc), fetch(http, &rfc8414));
     let mut failures = Vec::new();
+    let mut refusals = Vec::new();
     let mut transient = false;
-    for url in candidates(&issuer_url) {
-        match fetch(http, &url).await {
-            Ok(doc) => return endpoints(issuer, doc),
+    let mut usable = Vec::new();
+    for (url, fetched) in [(oidc, first), (rfc8414, second)] {
+        match fetched.and_then(|doc| checked(issuer, doc).map_err(Fetch::Refused)) {
+            Ok(doc) => usable.push(doc),
             Err(Fetch::Transient(e)) => {
                 transient = true;
                 failures.push(format!("{url}: {e}"));
             }
             Err(Fetch::Absent(e)) => failures.push(format!("{url}: {e}")),
+            Err(Fetch::Refused(e)) => refusals.push(format!("{url}: {e}")),
         }
     }
-    let detail = format!(
-        "discovery failed for issuer {issuer} ({})",
-        failures.join("; ")
-    );
-    Err(if transient {
-        Error::IdpTransient(detail)
-    } else {
-        Error::Invalid(detail)
-    })
+    let mut docs = usable.into_iter();
+    let Some(primary) = docs.next() else {
+        if !refusals.is_empty() {
+            return Err(Error::Invalid(format!(
+                "discovery for issuer {issuer} refused every document ({})",
+                refusals.join("; ")
+            )));
+        }
+        let detail = format!(
+            "discovery failed for issuer {issuer} ({})",
+            failures.join("; ")
+        );
+        return if transient {
+            Err(Error::IdpTransient(detail))
+        } else {
+            Ok(Loaded::Nothing(detail))
+        };
+    };
+    for refusal in &refusals {
+        warn!(issuer, refusal = %refusal, "ignoring a discovery document that failed its checks");
+    }
+    Ok(Loaded::Metadata(match docs.next() {
+        Some(secondary) => primary.merge(secondary),
+        None => primary,
+    }))
+}
+
+impl Metadata {
+    /// Fills every field this document lacks from `other`.
+    fn merge(self, other: Metadata) -> Metadata {
+        Metadata {
+            issuer: self.issuer,
+            token_endpoint: self.token_endpoint.or(other.token_endpoint),
+            authorization_endpoint: self.authorization_endpoint.or(other.authorization_endpoint),
+            revocation_endpoint: self.revocation_endpoint.or(other.revocation_endpoint),
+            device_authorization_endpoint: self
+                .device_authorization_endpoint
+                .or(other.device_authorization_endpoint),
+            registration_endpoint: self.registration_endpoint.or(other.registration_endpoint),
+            userinfo_endpoint: self.userinfo_endpoint.or(other.userinfo_endpoint),
+            introspection_endpoint: self.introspection_endpoint.or(other.introspection_endpoint),
+            jwks_uri: self.jwks_uri.or(other.jwks_uri),
+            scopes_supported: self.scopes_supported.or(other.scopes_supported),
+            token_endpoint_auth_methods_supported: self
+                .token_endpoint_auth_methods_supported
+                .or(other.token_endpoint_auth_methods_supported),
+            revocation_endpoint_auth_methods_supported: self
+                .revocation_endpoint_auth_methods_supported
+                .or(other.revocation_endpoint_auth_methods_supported),
+        }
+    }
+
+    /// The profile's endpoints: `overrides` first, then this metadata. Fails
+    /// clearly when no token endpoint is known.
+    pub fn endpoints(&self, issuer: &str, overrides: &EndpointOverrides) -> Result<Endpoints> {
+        validate_overrides(overrides)?;
+        let token = overrides
+            .token
+            .clone()
+            .or_else(|| self.token_endpoint.clone())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "issuer {issuer} advertises no token_endpoint; set one with --token-endpoint URL \
+                     or `token_endpoint` in the profile's config table"
+                ))
+            })?;
+        Ok(Endpoints {
+            token,
+            authorization: self.authorization_endpoint.clone(),
+            revocation: overrides
+                .revocation
+                .clone()
+                .or_else(|| self.revocation_endpoint.clone()),
+            device_authorization: overrides
+                .device_authorization
+                .clone()
+                .or_else(|| self.device_authorization_endpoint.clone()),
+            registration: self.registration_endpoint.clone(),
+            userinfo: self.userinfo_endpoint.clone(),
+            introspection: self.introspection_endpoint.clone(),
+            jwks_uri: self.jwks_uri.clone(),
+        })
+    }
+}
+
+/// Checks per-profile endpoint overrides by the rule for issuers: https, or
+/// http on loopback only.
+pub fn validate_overrides(overrides: &EndpointOverrides) -> Result<()> {
+    for (what, url) in [
+        ("token endpoint override", &overrides.token),
+        ("revocation endpoint override", &overrides.revocation),
+        (
+            "device authorization endpoint override",
+            &overrides.device_authorization,
+        ),
+    ] {
+        if let Some(url) = url {
+            validate_endpoint(what, url)?;
+        }
+    }
+    Ok(())
 }
 
 enum Fetch {
@@ -69,6 +221,8 @@ enum Fetch {
     Transient(String),
     /// This document does not exist or is not metadata.
     Absent(String),
+    /// The document loaded but failed a check (issuer, endpoint scheme).
+    Refused(String),
 }
 
 async fn fetch(http: &Http, url: &Url) -> std::result::Result<Metadata, Fetch> {
@@ -87,92 +241,33 @@ async fn fetch(http: &Http, url: &Url) -> std::result::Result<Metadata, Fetch> {
         .map_err(|e| Fetch::Absent(format!("not a metadata document: {e}")))
 }
 
-fn endpoints(issuer: &str, doc: Metadata) -> Result<Endpoints> {
+/// The document, if it names `issuer` and every endpoint in it is allowed.
+fn checked(issuer: &str, doc: Metadata) -> std::result::Result<Metadata, String> {
     if doc.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
-        return Err(Error::Invalid(format!(
-            "discovery document names issuer `{}`, not `{issuer}`; refusing it",
-            doc.issuer
-        )));
+        return Err(format!(
+            "the document names issuer `{}`, not `{issuer}`",
+            crate::login::sanitize(&doc.issuer)
+        ));
     }
-    let token = doc
-        .token_endpoint
-        .ok_or_else(|| Error::Invalid(format!("issuer {issuer} advertises no token_endpoint")))?;
-    let check = |what: &str, v: Option<String>| -> Result<Option<String>> {
-        v.map(|u| validate_endpoint(what, &u).map(|_| u))
-            .transpose()
-    };
-    validate_endpoint("token_endpoint", &token)?;
-    Ok(Endpoints {
-        token,
-        authorization: check("authorization_endpoint", doc.authorization_endpoint)?,
-        revocation: check("revocation_endpoint", doc.revocation_endpoint)?,
-        device_authorization: check(
+    for (what, url) in [
+        ("token_endpoint", &doc.token_endpoint),
+        ("authorization_endpoint", &doc.authorization_endpoint),
+        ("revocation_endpoint", &doc.revocation_endpoint),
+        (
             "device_authorization_endpoint",
-            doc.device_authorization_endpoint,
-        )?,
-        registration: check("registration_endpoint", doc.registration_endpoint)?,
-        userinfo: check("userinfo_endpoint", doc.userinfo_endpoint)?,
-        introspection: check("introspection_endpoint", doc.introspection_endpoint)?,
-        jwks_uri: check("jwks_uri", doc.jwks_uri)?,
-    })
+            &doc.device_authorization_endpoint,
+        ),
+        ("registration_endpoint", &doc.registration_endpoint),
+        ("userinfo_endpoint", &doc.userinfo_endpoint),
+        ("introspection_endpoint", &doc.introspection_endpoint),
+        ("jwks_uri", &doc.jwks_uri),
+    ] {
+        if let Some(url) = url {
+            validate_endpoint(what, url).map_err(|e| crate::login::sanitize(&e.to_string()))?;
+        }
+    }
+    Ok(doc)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn well_known_locations() {
-        let [oidc, rfc] = candidates(&Url::parse("https://idp.example").unwrap());
-        assert_eq!(
-            oidc.as_str(),
-            "https://idp.example/.well-known/openid-configuration"
-        );
-        assert_eq!(
-            rfc.as_str(),
-            "https://idp.example/.well-known/oauth-authorization-server"
-        );
-        let [oidc, rfc] = candidates(&Url::parse("https://idp.example/tenant/a/").unwrap());
-        assert_eq!(
-            oidc.as_str(),
-            "https://idp.example/tenant/a/.well-known/openid-configuration"
-        );
-        assert_eq!(
-            rfc.as_str(),
-            "https://idp.example/.well-known/oauth-authorization-server/tenant/a"
-        );
-    }
-
-    fn doc(issuer: &str, token: &str) -> Metadata {
-        Metadata {
-            issuer: issuer.into(),
-            token_endpoint: Some(token.into()),
-            authorization_endpoint: None,
-            revocation_endpoint: None,
-            device_authorization_endpoint: None,
-            registration_endpoint: None,
-            userinfo_endpoint: None,
-            introspection_endpoint: None,
-            jwks_uri: None,
-        }
-    }
-
-    #[test]
-    fn issuer_mismatch_and_downgrades_are_refused() {
-        assert!(endpoints(
-            "https://a.example",
-            doc("https://a.example/", "https://a.example/t")
-        )
-        .is_ok());
-        assert!(endpoints(
-            "https://a.example",
-            doc("https://evil.example", "https://a.example/t")
-        )
-        .is_err());
-        assert!(endpoints(
-            "https://a.example",
-            doc("https://a.example", "http://a.example/t")
-        )
-        .is_err());
-    }
-}
+mod tests;

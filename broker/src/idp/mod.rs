@@ -13,7 +13,7 @@ mod token_response;
 
 use std::time::Duration;
 
-pub use discovery::discover;
+pub use discovery::{discover, discover_metadata, discover_with, validate_overrides, Metadata};
 pub(crate) use http::error_chain;
 pub use http::Http;
 pub use issuer::{is_loopback_http, validate_endpoint, validate_issuer};
