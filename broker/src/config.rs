@@ -1,7 +1,9 @@
 //! The optional TOML config file (SPEC §1). Every setting has a default.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kontext_broker_protocol::EndpointOverrides;
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -46,6 +48,21 @@ pub struct Config {
     /// log2 of the scrypt work factor for a new passphrase identity. `None` lets
     /// age calibrate (about 1 s). Tests set a small value.
     pub scrypt_work_factor: Option<u8>,
+    /// Per-profile settings: `[profiles.NAME]` tables.
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+/// Settings of one profile (`[profiles.NAME]`), for servers whose metadata
+/// lacks an endpoint. They win over discovery; `login`/`import` flags win over them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Token endpoint URL.
+    pub token_endpoint: Option<String>,
+    /// Revocation endpoint URL (RFC 7009), used by `logout`.
+    pub revocation_endpoint: Option<String>,
+    /// Device authorization endpoint URL (RFC 8628), used by `login --device`.
+    pub device_authorization_endpoint: Option<String>,
 }
 
 impl Default for Config {
@@ -62,6 +79,7 @@ impl Default for Config {
             backoff_initial_secs: 1,
             backoff_max_secs: 300,
             scrypt_work_factor: None,
+            profiles: BTreeMap::new(),
         }
     }
 }
@@ -105,7 +123,40 @@ impl Config {
         {
             return Err("need 0 < backoff_initial_secs <= backoff_max_secs".into());
         }
+        for (name, profile) in &config.profiles {
+            if !kontext_broker_protocol::paths::is_valid_profile_name(name) {
+                return Err(format!("[profiles.{name}]: invalid profile name"));
+            }
+            crate::idp::validate_overrides(&profile.endpoint_overrides())
+                .map_err(|e| format!("[profiles.{name}]: {e}"))?;
+        }
         Ok(config)
+    }
+
+    /// The endpoint overrides configured for `profile` (none when it has no table).
+    pub fn endpoint_overrides(&self, profile: &str) -> EndpointOverrides {
+        self.profiles
+            .get(profile)
+            .map(ProfileConfig::endpoint_overrides)
+            .unwrap_or_default()
+    }
+
+    /// `preferred` (from the command line or an import), each endpoint it lacks
+    /// taken from `profile`'s config table.
+    pub fn merged_overrides(
+        &self,
+        profile: &str,
+        preferred: &EndpointOverrides,
+    ) -> EndpointOverrides {
+        let config = self.endpoint_overrides(profile);
+        EndpointOverrides {
+            token: preferred.token.clone().or(config.token),
+            revocation: preferred.revocation.clone().or(config.revocation),
+            device_authorization: preferred
+                .device_authorization
+                .clone()
+                .or(config.device_authorization),
+        }
     }
 
     /// The message every client gets when a refresh token is dead.
@@ -114,6 +165,30 @@ impl Config {
             "Session expired, run `{}` to re-authenticate",
             self.reauth_command
         )
+    }
+}
+
+impl ProfileConfig {
+    /// Puts every endpoint set here into `endpoints` (a stored profile's).
+    pub fn apply_to(&self, endpoints: &mut crate::store::Endpoints) {
+        if let Some(token) = &self.token_endpoint {
+            endpoints.token.clone_from(token);
+        }
+        if let Some(revocation) = &self.revocation_endpoint {
+            endpoints.revocation = Some(revocation.clone());
+        }
+        if let Some(device) = &self.device_authorization_endpoint {
+            endpoints.device_authorization = Some(device.clone());
+        }
+    }
+
+    /// These settings as the wire type carried by `Import`.
+    pub fn endpoint_overrides(&self) -> EndpointOverrides {
+        EndpointOverrides {
+            token: self.token_endpoint.clone(),
+            revocation: self.revocation_endpoint.clone(),
+            device_authorization: self.device_authorization_endpoint.clone(),
+        }
     }
 }
 
@@ -144,6 +219,44 @@ mod tests {
         assert!(Config::parse("refresh_at = 1.5").is_err());
         assert!(Config::parse("max_connections = 0").is_err());
         assert!(Config::parse("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn profile_tables_hold_endpoint_overrides() {
+        let c = Config::parse(
+            "[profiles.work]\nrevocation_endpoint = \"https://idp.example/o/revoke_token/\"\n\
+             device_authorization_endpoint = \"http://127.0.0.1:8000/o/device-authorization/\"\n",
+        )
+        .unwrap();
+        let o = c.endpoint_overrides("work");
+        assert_eq!(o.token, None);
+        assert_eq!(
+            o.revocation.as_deref(),
+            Some("https://idp.example/o/revoke_token/")
+        );
+        assert_eq!(
+            o.device_authorization.as_deref(),
+            Some("http://127.0.0.1:8000/o/device-authorization/")
+        );
+        assert_eq!(c.endpoint_overrides("other"), EndpointOverrides::default());
+        let flags = EndpointOverrides {
+            revocation: Some("https://flag.example/revoke".into()),
+            token: Some("https://flag.example/token".into()),
+            device_authorization: None,
+        };
+        let merged = c.merged_overrides("work", &flags);
+        assert_eq!(merged.revocation, flags.revocation);
+        assert_eq!(merged.token, flags.token);
+        assert_eq!(merged.device_authorization, o.device_authorization);
+
+        for bad in [
+            "[profiles.work]\nrevocation_endpoint = \"http://idp.example/revoke\"\n",
+            "[profiles.work]\ntoken_endpoint = \"not a url\"\n",
+            "[profiles.work]\nno_such_endpoint = \"https://idp.example\"\n",
+            "[profiles.\".bad\"]\ntoken_endpoint = \"https://idp.example/t\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -370,14 +370,19 @@ impl Service {
                 continue;
             }
             let entry = match record {
-                Ok(record) => Entry::Engine(Arc::new(engine::spawn(
-                    record,
-                    self.inner.deps.clone(),
-                    profiles
-                        .get(&name)
-                        .map(|s| s.events.clone())
-                        .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0),
-                ))),
+                Ok(mut record) => {
+                    if let Some(table) = self.inner.config.profiles.get(&name) {
+                        table.apply_to(&mut record.endpoints);
+                    }
+                    Entry::Engine(Arc::new(engine::spawn(
+                        record,
+                        self.inner.deps.clone(),
+                        profiles
+                            .get(&name)
+                            .map(|s| s.events.clone())
+                            .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0),
+                    )))
+                }
                 Err(Error::Locked) => Entry::Locked,
                 Err(e) => {
                     warn!(profile = %name, error = %e, "profile could not be loaded");
@@ -456,7 +461,12 @@ impl Service {
             ));
         };
         idp::validate_issuer(&import.issuer)?;
-        let endpoints = idp::discover(self.inner.idp.http(), &import.issuer).await?;
+        let overrides = self
+            .inner
+            .config
+            .merged_overrides(&import.profile, &import.endpoints);
+        let endpoints =
+            idp::discover_with(self.inner.idp.http(), &import.issuer, &overrides).await?;
         Ok(record_from_response(
             import,
             response,
@@ -552,20 +562,27 @@ impl Service {
         };
         let (revoked, revoke_error) = match (&record, revoke) {
             (_, false) => (false, Some("revocation skipped (--no-revoke)".to_owned())),
-            (None, true) => (false, Some("the profile could not be read".to_owned())),
-            (Some(r), true) if r.refresh_token.is_none() => {
-                (false, Some("no refresh token left to revoke".to_owned()))
-            }
-            (Some(r), true) if r.endpoints.revocation.is_none() => (
+            (None, true) => (
                 false,
-                Some("the issuer advertises no revocation endpoint".to_owned()),
+                Some("the profile could not be read, so its refresh token is unknown".to_owned()),
             ),
-            (Some(r), true) => match idp::revoke(self.inner.idp.http(), r).await {
-                Ok(()) => (true, None),
-                Err(e) => {
-                    warn!(profile, error = %e, "revocation failed; deleting the profile anyway");
-                    (false, Some(e.to_string()))
-                }
+            // The grant is already dead at the IdP: nothing to revoke, nothing failed.
+            (Some(r), true) if r.refresh_token.is_none() => (false, None),
+            (Some(r), true) => match self.revocation_target(r).await {
+                None => (
+                    false,
+                    Some(
+                        "the issuer advertises no revocation endpoint in either discovery document"
+                            .to_owned(),
+                    ),
+                ),
+                Some(target) => match idp::revoke(self.inner.idp.http(), &target).await {
+                    Ok(()) => (true, None),
+                    Err(e) => {
+                        warn!(profile, error = %e, "revocation failed; deleting the profile anyway");
+                        (false, Some(e.to_string()))
+                    }
+                },
             },
         };
         let store = self.inner.store.clone();
@@ -605,6 +622,27 @@ impl Service {
             revoked,
             revoke_error,
         })
+    }
+
+    /// `record` with a revocation endpoint, if one can be found. A profile saved
+    /// before the broker read both discovery documents may lack one the issuer
+    /// has: discovery runs again (best effort) in that case.
+    async fn revocation_target(&self, record: &ProfileRecord) -> Option<ProfileRecord> {
+        if record.endpoints.revocation.is_some() {
+            return Some(record.clone());
+        }
+        let overrides = self.inner.config.endpoint_overrides(&record.name);
+        match idp::discover_with(self.inner.idp.http(), &record.issuer, &overrides).await {
+            Ok(endpoints) => endpoints.revocation.map(|revocation| {
+                let mut target = record.clone();
+                target.endpoints.revocation = Some(revocation);
+                target
+            }),
+            Err(e) => {
+                warn!(profile = %record.name, error = %e, "discovery for revocation failed");
+                None
+            }
+        }
     }
 
     async fn unlock(&self, passphrase: Secret) -> Result<(), BrokerError> {

@@ -199,7 +199,9 @@ pub enum Response {
     LoggedOut {
         /// True when the IdP confirmed revocation of the refresh token.
         revoked: bool,
-        /// Why revocation was skipped or failed, if it was.
+        /// Why revocation was skipped or failed, if it was. `None` with
+        /// `revoked: false` means there was nothing to revoke (the profile held
+        /// no refresh token: its grant was already dead).
         revoke_error: Option<String>,
     },
     /// For `Unlock`, `Lock` and `Shutdown`.

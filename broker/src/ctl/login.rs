@@ -35,9 +35,12 @@ pub struct LoginArgs {
     /// File holding the client secret (never pass secrets as arguments).
     #[arg(long, value_name = "FILE", conflicts_with = "register")]
     pub client_secret_file: Option<PathBuf>,
-    /// Scope (repeatable); default `openid`. `offline_access` is always added.
+    /// Scope (repeatable); default `openid`. `offline_access` is added unless
+    /// the server lists scopes without it.
     #[arg(long = "scope", value_name = "S")]
     pub scopes: Vec<String>,
+    #[command(flatten)]
+    pub endpoints: super::endpoints::EndpointArgs,
     /// Use the device authorization grant (RFC 8628) instead of a browser redirect.
     #[arg(long)]
     pub device: bool,
@@ -143,7 +146,10 @@ pub async fn run(
             open_browser: !args.no_browser,
         }
     };
+    // Flags win over the profile's config table; the broker applies the same rule.
+    let endpoints = config.merged_overrides(&args.profile, &args.endpoints.overrides());
     let opts = LoginOptions {
+        endpoints: endpoints.clone(),
         client_id: args.client_id.clone(),
         client_secret,
         scopes: args.scopes.clone(),
@@ -168,7 +174,7 @@ pub async fn run(
                 .map_or(ClientCredential::None, ClientCredential::Secret),
             client_auth: None,
             scopes: outcome.scopes,
-            endpoints: Default::default(),
+            endpoints,
             token_response: outcome.token_response,
         })
         .await?;
@@ -230,8 +236,32 @@ mod tests {
             "--no-browser",
             "--profile",
             "p",
+            "--token-endpoint",
+            "https://idp.example/token",
+            "--revocation-endpoint",
+            "https://idp.example/revoke",
+            "--device-authorization-endpoint",
+            "http://127.0.0.1:9/device",
         ])
         .unwrap();
+        let o = a.endpoints.overrides();
+        assert_eq!(o.token.as_deref(), Some("https://idp.example/token"));
+        assert_eq!(o.revocation.as_deref(), Some("https://idp.example/revoke"));
+        assert_eq!(
+            o.device_authorization.as_deref(),
+            Some("http://127.0.0.1:9/device")
+        );
+        // Endpoint flags obey the issuer rule: a plain-http remote URL is a usage error.
+        let e = parse(&[
+            "--issuer",
+            "https://idp.example",
+            "--client-id",
+            "c",
+            "--revocation-endpoint",
+            "http://idp.example/revoke",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
         assert_eq!(a.scopes, ["a", "b"]);
         assert!(a.no_browser && !a.device);
         assert_eq!(a.profile, "p");

@@ -4,7 +4,9 @@
 //! the fix, and the exit code says which kind of failure it was (see [`exit`]).
 
 pub mod doctor;
+mod endpoints;
 pub mod login;
+mod logout;
 mod render;
 
 use std::io::{Read, Write};
@@ -42,6 +44,9 @@ pub mod exit {
     pub const LOCKED: u8 = 7;
     /// The IdP rejected the profile's client credential; the grant is kept.
     pub const CLIENT_REJECTED: u8 = 8;
+    /// `logout` deleted the profile locally, but its refresh token was not
+    /// revoked at the IdP (no revocation endpoint known, or the call failed).
+    pub const NOT_REVOKED: u8 = 9;
 }
 
 /// The exit code for a client error.
@@ -183,8 +188,10 @@ pub enum Command {
         /// Scope (repeatable).
         #[arg(long = "scope", value_name = "S")]
         scopes: Vec<String>,
+        #[command(flatten)]
+        endpoints: endpoints::EndpointArgs,
     },
-    /// Revoke the refresh token (if the IdP supports it) and delete the profile.
+    /// Revoke the refresh token at the IdP and delete the profile (exit 9: deleted, not revoked).
     Logout {
         /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
@@ -352,6 +359,7 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
             client_id,
             client_secret_file,
             scopes,
+            endpoints,
         } => {
             let token_response = read_token_response(input)?;
             let client_secret = match client_secret_file {
@@ -368,7 +376,7 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
                         .map_or(ClientCredential::None, ClientCredential::Secret),
                     client_auth: None,
                     scopes,
-                    endpoints: Default::default(),
+                    endpoints: endpoints.overrides(),
                     token_response,
                 })
                 .await?;
@@ -382,17 +390,7 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
             )?;
         }
         Command::Logout { profile, no_revoke } => {
-            let o = connect(socket).await?.logout(&profile, !no_revoke).await?;
-            match (o.revoked, o.revoke_error) {
-                (true, _) => writeln!(out, "logged out `{profile}`; refresh token revoked")?,
-                (false, Some(why)) => writeln!(
-                    out,
-                    "logged out `{profile}`; refresh token not revoked: {why}"
-                )?,
-                (false, None) => {
-                    writeln!(out, "logged out `{profile}`; refresh token not revoked")?
-                }
-            }
+            logout::run(socket, &profile, no_revoke, out).await?;
         }
         Command::Unlock { passphrase_fd } => {
             let passphrase = match passphrase_fd {

@@ -108,6 +108,12 @@ fn device_error<RE: std::error::Error + 'static>(
                     let code = other.to_string();
                     if code == "server_error" || code == "temporarily_unavailable" {
                         LoginError::IdpUnavailable(code)
+                    } else if code == "invalid_scope" {
+                        // The caller names the scopes.
+                        LoginError::InvalidScope {
+                            requested: String::new(),
+                            description,
+                        }
                     } else {
                         LoginError::Token(match description {
                             Some(d) => format!("{code}: {d}"),

@@ -7,9 +7,11 @@
 //! - the device authorization grant (RFC 8628), see [`device`].
 //!
 //! Optionally the client is first registered dynamically (RFC 7591), see
-//! [`register_client`]. `offline_access` is always requested, and the code flow
-//! sends `prompt=consent`, because providers such as `oidc-provider` drop
-//! `offline_access` (and so the refresh token) without it.
+//! [`register_client`]. `offline_access` is requested when the server's
+//! `scopes_supported` lists it or is absent (servers such as django-oauth-toolkit
+//! refuse scopes they do not know, and issue refresh tokens without it); the
+//! code flow sends `prompt=consent`, because providers such as `oidc-provider`
+//! drop `offline_access` (and so the refresh token) without it.
 //!
 //! The flow runs in the caller's process (the CLI), never in the broker: the
 //! broker only ever sees the finished token response. Nothing here logs or
@@ -23,7 +25,7 @@ mod verify;
 
 use std::time::Duration;
 
-use kontext_broker_protocol::Secret;
+use kontext_broker_protocol::{EndpointOverrides, Secret};
 use openidconnect::core::{
     CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreErrorResponseType, CoreTokenResponse,
 };
@@ -33,13 +35,14 @@ use openidconnect::{
     StandardErrorResponse, TokenUrl,
 };
 
-use crate::idp::{discover, Http};
+use crate::idp::{discover_metadata, Http};
 use crate::store::Endpoints;
 
 pub use register::{register_client, RegisteredClient, DEVICE_CODE_GRANT, REGISTERED_REDIRECT_URI};
 pub use verify::{fetch_jwks, verify_id_token, IdTokenCheck};
 
-/// Scope that asks for a refresh token; always requested.
+/// Scope that asks for a refresh token; requested unless the server lists
+/// scopes without it.
 pub const OFFLINE_ACCESS: &str = "offline_access";
 /// The OpenID Connect scope; when requested, an ID token is validated.
 pub const OPENID: &str = "openid";
@@ -68,8 +71,12 @@ pub struct LoginOptions {
     /// Secret of a confidential client (sent with HTTP Basic auth).
     pub client_secret: Option<Secret>,
     /// Scopes to ask for. Empty means `openid` (when the issuer publishes a
-    /// JWKS) plus `offline_access`; `offline_access` is added in any case.
+    /// JWKS). `offline_access` is added unless the server's `scopes_supported`
+    /// lists scopes without it.
     pub scopes: Vec<String>,
+    /// Endpoints that win over discovery (token, device authorization; the
+    /// revocation one only matters to the broker).
+    pub endpoints: EndpointOverrides,
     /// The flow to run.
     pub flow: Flow,
     /// Register a new public client first (RFC 7591) and log in as it.
@@ -88,6 +95,7 @@ impl LoginOptions {
             client_id: None,
             client_secret: None,
             scopes: Vec::new(),
+            endpoints: EndpointOverrides::default(),
             flow: Flow::CodePkce { open_browser: true },
             register: false,
             timeout: DEFAULT_TIMEOUT,
@@ -170,6 +178,14 @@ pub enum LoginError {
     /// Dynamic client registration failed.
     #[error("client registration failed: {0}")]
     Registration(String),
+    /// The server refused the scopes asked for (`invalid_scope`).
+    #[error("the identity provider refused the requested scopes `{requested}` (invalid_scope{}); ask only for scopes it supports with --scope S (repeatable){}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default(), if requested.split(' ').any(|s| s == OFFLINE_ACCESS) { "; `offline_access` was added because the server lists it or lists no scopes, so pass --scope offline_access only if it is meant" } else { "" })]
+    InvalidScope {
+        /// The scopes that were requested, space-separated.
+        requested: String,
+        /// The IdP's `error_description`, sanitised and shortened.
+        description: Option<String>,
+    },
     /// The token or device endpoint refused the request.
     #[error("the identity provider rejected the token request: {0}")]
     Token(String),
@@ -214,10 +230,17 @@ pub async fn login(
                 .into(),
         ));
     }
-    let endpoints = discover(http, &opts.issuer)
+    let metadata = discover_metadata(http, &opts.issuer)
         .await
         .map_err(LoginError::Discovery)?;
-    let scopes = requested_scopes(&opts.scopes, endpoints.jwks_uri.is_some());
+    let endpoints = metadata
+        .endpoints(&opts.issuer, &opts.endpoints)
+        .map_err(LoginError::Discovery)?;
+    let scopes = requested_scopes(
+        &opts.scopes,
+        endpoints.jwks_uri.is_some(),
+        metadata.scopes_supported.as_deref(),
+    );
     let wants_id_token = scopes.iter().any(|s| s == OPENID);
     // Fail on missing endpoints before anything reaches the user or the IdP.
     match opts.flow {
@@ -229,7 +252,7 @@ pub async fn login(
         }
         Flow::Device if endpoints.device_authorization.is_none() => {
             return Err(LoginError::Unsupported(format!(
-                "issuer {} advertises no device_authorization_endpoint; drop --device",
+                "issuer {} advertises no device_authorization_endpoint; pass --device-authorization-endpoint URL if it has one, or drop --device",
                 opts.issuer
             )))
         }
@@ -285,12 +308,14 @@ pub async fn login(
                 opts.timeout,
                 ui,
             )
-            .await?;
+            .await
+            .map_err(|e| name_scopes(e, &scopes))?;
             (response, Some(nonce))
         }
         Flow::Device => {
-            let response =
-                device::device_flow(http, client, &endpoints, &scopes, opts.timeout, ui).await?;
+            let response = device::device_flow(http, client, &endpoints, &scopes, opts.timeout, ui)
+                .await
+                .map_err(|e| name_scopes(e, &scopes))?;
             (response, None)
         }
     };
@@ -329,8 +354,9 @@ pub async fn login(
     })
 }
 
-/// The scopes to ask for: the caller's (or a default), plus `offline_access`.
-fn requested_scopes(asked: &[String], oidc: bool) -> Vec<String> {
+/// The scopes to ask for: the caller's (or a default), plus `offline_access`
+/// when the server lists it or lists no scopes at all.
+fn requested_scopes(asked: &[String], oidc: bool, supported: Option<&[String]>) -> Vec<String> {
     let mut scopes: Vec<String> = if asked.is_empty() && oidc {
         vec![OPENID.to_owned()]
     } else {
@@ -341,10 +367,29 @@ fn requested_scopes(asked: &[String], oidc: bool) -> Vec<String> {
             scopes.push(s.to_owned());
         }
     }
-    if !scopes.iter().any(|s| s == OFFLINE_ACCESS) {
+    let offered = supported.is_none_or(|list| list.iter().any(|s| s == OFFLINE_ACCESS));
+    if offered && !scopes.iter().any(|s| s == OFFLINE_ACCESS) {
         scopes.push(OFFLINE_ACCESS.to_owned());
     }
     scopes
+}
+
+/// An `invalid_scope` refusal (at the authorization, device or token
+/// endpoint), with the scopes that were asked for.
+fn name_scopes(e: LoginError, scopes: &[String]) -> LoginError {
+    match e {
+        LoginError::Denied { error, description } if error == "invalid_scope" => {
+            LoginError::InvalidScope {
+                requested: scopes.join(" "),
+                description,
+            }
+        }
+        LoginError::InvalidScope { description, .. } => LoginError::InvalidScope {
+            requested: scopes.join(" "),
+            description,
+        },
+        e => e,
+    }
 }
 
 type TokenClient = CoreClient<
@@ -427,6 +472,13 @@ fn token_error<RE: std::error::Error + 'static>(
             ) {
                 return LoginError::IdpUnavailable(code);
             }
+            if code == "invalid_scope" {
+                // The caller names the scopes (see `name_scopes`).
+                return LoginError::InvalidScope {
+                    requested: String::new(),
+                    description,
+                };
+            }
             if code == "access_denied" {
                 return LoginError::Denied {
                     error: code,
@@ -467,17 +519,76 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offline_access_is_always_requested_once() {
-        assert_eq!(requested_scopes(&[], true), ["openid", "offline_access"]);
-        assert_eq!(requested_scopes(&[], false), ["offline_access"]);
+    fn offline_access_is_requested_once_when_the_server_lists_it_or_lists_nothing() {
         assert_eq!(
-            requested_scopes(&["email openid".into(), "email".into()], true),
+            requested_scopes(&[], true, None),
+            ["openid", "offline_access"]
+        );
+        assert_eq!(requested_scopes(&[], false, None), ["offline_access"]);
+        assert_eq!(
+            requested_scopes(&["email openid".into(), "email".into()], true, None),
             ["email", "openid", "offline_access"]
         );
         assert_eq!(
-            requested_scopes(&["offline_access".into(), "api".into()], false),
+            requested_scopes(&["offline_access".into(), "api".into()], false, None),
             ["offline_access", "api"]
         );
+        let oidc_provider: Vec<String> = ["openid", "email", "offline_access"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            requested_scopes(&[], true, Some(&oidc_provider)),
+            ["openid", "offline_access"]
+        );
+        // django-oauth-toolkit: `offline_access` is unknown there, so not asked for.
+        let dot: Vec<String> = ["openid", "read", "write"].map(String::from).into();
+        assert_eq!(requested_scopes(&[], true, Some(&dot)), ["openid"]);
+        assert_eq!(
+            requested_scopes(&["read".into()], true, Some(&dot)),
+            ["read"]
+        );
+        // Asked for explicitly: asked for, whatever the server lists.
+        assert_eq!(
+            requested_scopes(&["read offline_access".into()], false, Some(&dot)),
+            ["read", "offline_access"]
+        );
+    }
+
+    #[test]
+    fn invalid_scope_names_the_scopes_and_the_fix() {
+        let scopes: Vec<String> = vec!["openid".into(), "offline_access".into()];
+        let from_callback = LoginError::Denied {
+            error: "invalid_scope".into(),
+            description: Some("offline_access is unknown".into()),
+        };
+        let from_token = LoginError::InvalidScope {
+            requested: String::new(),
+            description: None,
+        };
+        for e in [from_callback, from_token] {
+            let text = name_scopes(e, &scopes).to_string();
+            assert!(text.contains("`openid offline_access`"), "{text}");
+            assert!(text.contains("--scope"), "{text}");
+            assert!(text.contains("invalid_scope"), "{text}");
+        }
+        let text = name_scopes(
+            LoginError::InvalidScope {
+                requested: String::new(),
+                description: None,
+            },
+            &["read".into()],
+        )
+        .to_string();
+        assert!(!text.contains("offline_access"), "{text}");
+        // Other refusals pass through untouched.
+        let denied = LoginError::Denied {
+            error: "access_denied".into(),
+            description: None,
+        };
+        assert!(matches!(
+            name_scopes(denied, &scopes),
+            LoginError::Denied { .. }
+        ));
     }
 
     #[test]
