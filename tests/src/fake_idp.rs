@@ -61,6 +61,19 @@ pub enum Discovery {
     Both,
 }
 
+/// Which discovery documents list the revocation endpoint (the endpoint itself
+/// always answers). See [`FakeIdp::list_revocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RevocationListing {
+    /// Every document served lists it.
+    #[default]
+    Everywhere,
+    /// Only the RFC 8414 document (django-oauth-toolkit's layout).
+    Rfc8414Only,
+    /// No document lists it.
+    Nowhere,
+}
+
 /// Start-up configuration of a [`FakeIdp`].
 #[derive(Debug, Clone)]
 pub struct FakeIdpConfig {
@@ -183,6 +196,9 @@ struct State {
     revocation_calls: u64,
     userinfo_calls: u64,
     discovery_calls: u64,
+    revocation_listing: RevocationListing,
+    /// When set, the revocation endpoint answers this status (after counting the call).
+    revocation_status: Option<u16>,
 }
 
 struct Grant {
@@ -314,6 +330,17 @@ impl FakeIdp {
     /// Refreshes that succeeded (a new access token was issued).
     pub fn refresh_successes(&self) -> u64 {
         self.shared.lock().refresh_successes
+    }
+
+    /// Which discovery documents list the revocation endpoint from now on.
+    pub fn list_revocation(&self, listing: RevocationListing) {
+        self.shared.lock().revocation_listing = listing;
+    }
+
+    /// Makes the revocation endpoint answer `status` with `{"error":"server_error"}`
+    /// (no token is revoked); `None` restores normal answers.
+    pub fn fail_revocations(&self, status: Option<u16>) {
+        self.shared.lock().revocation_status = status;
     }
 
     /// Calls received at the revocation endpoint.
@@ -515,14 +542,18 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
         (Method::GET, "/.well-known/openid-configuration")
             if matches!(discovery, Discovery::Oidc | Discovery::Both) =>
         {
-            shared.lock().discovery_calls += 1;
-            json_reply(StatusCode::OK, metadata(&shared.issuer))
+            let mut st = shared.lock();
+            st.discovery_calls += 1;
+            let revocation = st.revocation_listing == RevocationListing::Everywhere;
+            json_reply(StatusCode::OK, metadata(&shared.issuer, revocation))
         }
         (Method::GET, "/.well-known/oauth-authorization-server")
             if matches!(discovery, Discovery::Rfc8414Only | Discovery::Both) =>
         {
-            shared.lock().discovery_calls += 1;
-            json_reply(StatusCode::OK, metadata(&shared.issuer))
+            let mut st = shared.lock();
+            st.discovery_calls += 1;
+            let revocation = st.revocation_listing != RevocationListing::Nowhere;
+            json_reply(StatusCode::OK, metadata(&shared.issuer, revocation))
         }
         (Method::GET, "/jwks") => {
             shared.lock().discovery_calls += 1;
@@ -540,8 +571,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
 /// (issuer, authorization_endpoint, jwks_uri, response_types_supported,
 /// subject_types_supported, id_token_signing_alg_values_supported) plus the
 /// endpoints the broker uses.
-fn metadata(issuer: &str) -> Value {
-    json!({
+fn metadata(issuer: &str, with_revocation: bool) -> Value {
+    let mut doc = json!({
         "issuer": issuer,
         "authorization_endpoint": format!("{issuer}/authorize"),
         "token_endpoint": format!("{issuer}/token"),
@@ -556,7 +587,13 @@ fn metadata(issuer: &str) -> Value {
         "token_endpoint_auth_methods_supported": ["none", "client_secret_basic"],
         "code_challenge_methods_supported": ["S256"],
         "scopes_supported": ["openid", "offline_access"],
-    })
+    });
+    if !with_revocation {
+        doc.as_object_mut()
+            .expect("an object")
+            .remove("revocation_endpoint");
+    }
+    doc
 }
 
 fn json_reply(status: StatusCode, body: Value) -> Reply {
@@ -852,7 +889,15 @@ async fn scripted_reply(failure: Failure) -> Reply {
 }
 
 async fn revocation_endpoint(shared: &Shared, req: Request<Incoming>) -> Reply {
-    shared.lock().revocation_calls += 1;
+    let scripted = {
+        let mut st = shared.lock();
+        st.revocation_calls += 1;
+        st.revocation_status
+    };
+    if let Some(status) = scripted {
+        let status = StatusCode::from_u16(status).expect("a valid scripted status");
+        return json_reply(status, json!({ "error": "server_error" }));
+    }
     let (parts, form) = read_form(req).await;
     let Some(form) = form else {
         return json_reply(
