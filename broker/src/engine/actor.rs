@@ -733,8 +733,16 @@ async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_ms: u64) -
     {
         match deps.endpoint.refresh(record.clone()).await {
             Ok(refreshed) => {
+                // The IdP may have rotated the refresh token: the answer exists
+                // only in memory until it is on disk, and a kill -9 now loses
+                // the grant (docs/security.md). So nothing (no logging, no
+                // publishing, no await) comes between the answer and the save.
+                let guessed_lifetime = refreshed.expires_in.is_none();
                 let record = apply(record, refreshed, started_ms / 1000);
                 let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
+                if guessed_lifetime {
+                    warn!(profile = %record.name, "token response has no expires_in; assuming a conservative lifetime");
+                }
                 JobResult::Refreshed {
                     record,
                     saved,
@@ -766,17 +774,18 @@ fn apply(mut record: ProfileRecord, refreshed: Refreshed, now_secs: u64) -> Prof
         .as_ref()
         .map(|a| a.expires_at.saturating_sub(a.issued_at))
         .filter(|&l| l > 0);
-    let lifetime = refreshed.expires_in.map_or_else(
-        || {
-            warn!(profile = %record.name, "token response has no expires_in; assuming a conservative lifetime");
-            previous_lifetime
-                .unwrap_or(FALLBACK_LIFETIME.as_secs())
-                .min(FALLBACK_LIFETIME.as_secs())
-        },
-        |d| d.as_secs(),
-    )
-    // Never believe a token lives under a second or over ten years.
-    .clamp(1, policy::MAX_LIFETIME_SECS);
+    let lifetime = refreshed
+        .expires_in
+        .map_or_else(
+            || {
+                previous_lifetime
+                    .unwrap_or(FALLBACK_LIFETIME.as_secs())
+                    .min(FALLBACK_LIFETIME.as_secs())
+            },
+            |d| d.as_secs(),
+        )
+        // Never believe a token lives under a second or over ten years.
+        .clamp(1, policy::MAX_LIFETIME_SECS);
     let scopes = refreshed.scopes.unwrap_or_else(|| {
         record
             .access_token
