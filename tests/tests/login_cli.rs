@@ -75,6 +75,7 @@ fn args(idp: &OidcProvider, profile: &str) -> LoginArgs {
         device: false,
         no_browser: true,
         register: false,
+        endpoints: Default::default(),
     }
 }
 

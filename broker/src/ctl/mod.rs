@@ -4,7 +4,7 @@
 //! the fix, and the exit code says which kind of failure it was (see [`exit`]).
 
 pub mod doctor;
-mod endpoints;
+pub mod endpoints;
 pub mod login;
 mod logout;
 mod render;

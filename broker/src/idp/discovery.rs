@@ -80,7 +80,7 @@ pub async fn discover_with(
 /// Discovery §4.3, RFC 8414 §3.3): it could send tokens elsewhere.
 pub async fn discover_metadata(http: &Http, issuer: &str) -> Result<Metadata> {
     match load(http, issuer).await? {
-        Loaded::Metadata(metadata) => Ok(metadata),
+        Loaded::Metadata(metadata) => Ok(*metadata),
         Loaded::Nothing(detail) => Err(Error::Invalid(detail)),
     }
 }
@@ -88,7 +88,7 @@ pub async fn discover_metadata(http: &Http, issuer: &str) -> Result<Metadata> {
 /// What [`load`] found.
 enum Loaded {
     /// At least one document passed its checks.
-    Metadata(Metadata),
+    Metadata(Box<Metadata>),
     /// Neither document exists (not a transient failure, not a refusal).
     Nothing(String),
 }
@@ -134,10 +134,10 @@ async fn load(http: &Http, issuer: &str) -> Result<Loaded> {
     for refusal in &refusals {
         warn!(issuer, refusal = %refusal, "ignoring a discovery document that failed its checks");
     }
-    Ok(Loaded::Metadata(match docs.next() {
+    Ok(Loaded::Metadata(Box::new(match docs.next() {
         Some(secondary) => primary.merge(secondary),
         None => primary,
-    }))
+    })))
 }
 
 impl Metadata {
