@@ -9,11 +9,13 @@
 #
 #  Started by `tests/src/dot.rs` with the venv's python. Protocol with the launcher:
 #    - env PORT (default 0 = the OS picks), DOT_ACCESS_TOKEN_TTL (seconds, default 5),
-#      DOT_DB (sqlite file to create; required), DOT_TEMPLATE_DB (optional: an
-#      already migrated database to copy instead of migrating, created when absent);
+#      DOT_DB (sqlite file to create; required), DOT_TEMPLATE_DB (optional: a
+#      migrated database to copy instead of migrating, which takes seconds);
 #    - prints exactly one line `READY http://127.0.0.1:PORT/o` (the issuer) on stdout
 #      once it accepts connections;
 #    - exits when its stdin closes, so a killed test run leaves no orphan behind.
+#  `serve.py --prepare-template` only migrates DOT_TEMPLATE_DB and exits (used by
+#  setup-venv.sh: the template belongs to the venv, so it is as fresh as the pins).
 # =====================================================================================
 
 import os
@@ -50,22 +52,30 @@ def bind(port):
     return sock
 
 
-def prepare_database(db, template):
-    """Copies the migrated template, or migrates `db` (and saves it as the template)."""
+def prepare_template(template):
+    """Migrates a new database into `template` (atomically replaced)."""
+    partial = f"{template}.{os.getpid()}.tmp"
+    os.environ["DOT_DB"] = partial
+    os.environ.setdefault("DOT_BASE_URL", "http://127.0.0.1:0")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kontext_dot.settings")
+    import django
     from django.core.management import call_command
-    from django.db import connections
 
-    if template and os.path.isfile(template):
-        shutil.copyfile(template, db)
-        # A no-op when the template is current; catches a stale one.
-        call_command("migrate", verbosity=0, interactive=False)
-        return
+    django.setup()
     call_command("migrate", verbosity=0, interactive=False)
-    if template:
-        connections.close_all()
-        partial = f"{template}.{os.getpid()}.tmp"
-        shutil.copyfile(db, partial)
-        os.replace(partial, template)
+    os.replace(partial, template)
+
+
+def prepare_database(db, template):
+    """Copies the migrated template, or migrates `db` when there is none."""
+    if template and os.path.isfile(template):
+        # The template holds only DOT's and Django's tables, migrated by the
+        # same pinned packages as this venv: copying it is current by construction.
+        shutil.copyfile(template, db)
+        return
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
 
 
 def create_clients():
@@ -101,6 +111,9 @@ def create_clients():
 
 
 def main():
+    if sys.argv[1:] == ["--prepare-template"]:
+        prepare_template(os.environ["DOT_TEMPLATE_DB"])
+        return
     port = int(os.environ.get("PORT", "0"))
     db = os.environ["DOT_DB"]
     template = os.environ.get("DOT_TEMPLATE_DB") or None

@@ -13,7 +13,8 @@
 //    - prints exactly one line `READY http://127.0.0.1:PORT` on stdout once listening;
 //    - exits when its stdin closes, so a killed test run leaves no orphan behind.
 //  Test-only routes: `POST /test/mint` (a grant without login), `GET /test/stats`
-//  (`{ refresh_token_grants, refresh_token_grant_errors }` seen by this process) and
+//  (`{ refresh_token_grants, refresh_token_grant_errors, refresh_token_replays, ... }`
+//  seen by this process) and
 //  `POST /test/delete-access-token` (form `token`: that access token alone dies) and
 //  `POST /test/hydra-rotation` (form `enabled`: delete the old access token on refresh).
 // =====================================================================================
@@ -143,6 +144,22 @@ provider.on('grant.error', (ctx, err) => {
   // Polling answers of the device flow are not errors worth a line.
   if (err.error === 'authorization_pending' || err.error === 'slow_down') return;
   console.error(`oidc-provider grant.error: ${err.error}: ${err.error_detail ?? err.error_description}`);
+});
+
+// TEST-ONLY: count replays, i.e. refresh grants presenting a refresh token that
+// an earlier successful refresh already rotated away. Reuse revokes the whole
+// grant here, so a correct broker never sends one.
+stats.refresh_token_replays = 0;
+const rotatedRefreshTokens = new Set();
+provider.use(async (ctx, next) => {
+  await next();
+  const params = ctx.oidc?.params;
+  if (ctx.method !== 'POST' || ctx.path !== '/token' || params?.grant_type !== 'refresh_token') {
+    return;
+  }
+  const presented = String(params.refresh_token ?? '');
+  if (rotatedRefreshTokens.has(presented)) stats.refresh_token_replays += 1;
+  if (ctx.status === 200) rotatedRefreshTokens.add(presented);
 });
 
 // The device authorization response carries no `interval`, so clients would

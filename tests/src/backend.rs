@@ -264,6 +264,8 @@ pub struct ProviderStats {
     pub refresh_token_grants: u64,
     /// Those that failed.
     pub refresh_token_grant_errors: u64,
+    /// Refresh grants presenting a refresh token an earlier refresh had rotated.
+    pub refresh_token_replays: u64,
     /// Old access tokens deleted by [`set_hydra_rotation`] mode.
     pub access_tokens_deleted_on_rotation: u64,
 }

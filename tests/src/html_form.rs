@@ -1,5 +1,6 @@
 //! A tiny HTML form driver for `oidc-provider`'s devInteractions pages
-//! (login, consent, device code input and confirmation). TEST FIXTURE ONLY.
+//! (login, consent, device code input and confirmation) and for
+//! django-oauth-toolkit's login, consent and device pages. TEST FIXTURE ONLY.
 //!
 //! It plays a browser without JavaScript: GET a page with a cookie jar, find its
 //! single `<form>`, fill the known fields, submit it, and follow redirects by
@@ -27,6 +28,9 @@ pub struct Form {
     pub method: String,
     /// `(name, value)` of every named `<input>`, in document order.
     pub fields: Vec<(String, String)>,
+    /// `(name, value)` of every named submit button (`<input type="submit">`
+    /// or `<button>`), in document order. A browser sends only the one pressed.
+    pub buttons: Vec<(String, String)>,
 }
 
 impl Form {
@@ -101,6 +105,17 @@ pub async fn complete_login(authorization_url: &str) -> Result<Url> {
 /// every form it meets, and stops at the first redirect to another origin or at
 /// the first page without a form.
 pub async fn drive(start: Url, extra: &HashMap<&str, &str>) -> Result<Outcome> {
+    drive_pressing(start, extra, &[]).await
+}
+
+/// Like [`drive`], and in every form that has a submit button with one of the
+/// `(name, value)` pairs of `press`, presses it (sends that pair), as a user
+/// choosing "Authorize" or "Accept" would.
+pub async fn drive_pressing(
+    start: Url,
+    extra: &HashMap<&str, &str>,
+    press: &[(&str, &str)],
+) -> Result<Outcome> {
     let client = reqwest::Client::builder()
         .cookie_store(true)
         .no_proxy()
@@ -149,6 +164,13 @@ pub async fn drive(start: Url, extra: &HashMap<&str, &str>) -> Result<Outcome> {
         for (name, value) in extra {
             form.fill(name, value);
         }
+        if let Some(button) = form
+            .buttons
+            .iter()
+            .find(|(n, v)| press.iter().any(|(pn, pv)| pn == n && pv == v))
+        {
+            form.fields.push(button.clone());
+        }
         request = if form.method == "GET" {
             let mut target = form.action.clone();
             target.query_pairs_mut().extend_pairs(&form.fields);
@@ -184,7 +206,23 @@ pub fn parse_single_form(html: &str, page_url: &Url) -> Result<Form> {
         .map_or_else(|| "GET".to_owned(), |m| m.to_ascii_uppercase());
 
     let mut fields = Vec::new();
+    let mut buttons = Vec::new();
     let inner_lower = &lower[tag_end..body_end];
+    for (i, _) in inner_lower.match_indices("<button") {
+        let abs = tag_end + i;
+        let end = find_tag_end(&lower, abs).ok_or_else(|| anyhow!("unterminated <button>"))?;
+        let a = parse_attributes(&html[abs + "<button".len()..end]);
+        let is_submit = a
+            .get("type")
+            .is_none_or(|t| t.eq_ignore_ascii_case("submit"));
+        if let (true, Some(name)) = (is_submit, a.get("name")) {
+            buttons.push((
+                abs,
+                name.clone(),
+                a.get("value").cloned().unwrap_or_default(),
+            ));
+        }
+    }
     for (i, _) in inner_lower.match_indices("<input") {
         let abs = tag_end + i;
         let end = find_tag_end(&lower, abs).ok_or_else(|| anyhow!("unterminated <input>"))?;
@@ -195,7 +233,15 @@ pub fn parse_single_form(html: &str, page_url: &Url) -> Result<Form> {
             .to_ascii_lowercase();
         let Some(name) = a.get("name") else { continue };
         match kind.as_str() {
-            "submit" | "button" | "image" | "reset" | "file" => continue,
+            "submit" | "image" => {
+                buttons.push((
+                    abs,
+                    name.clone(),
+                    a.get("value").cloned().unwrap_or_default(),
+                ));
+                continue;
+            }
+            "button" | "reset" | "file" => continue,
             "checkbox" | "radio" if !a.contains_key("checked") => continue,
             _ => {}
         }
@@ -208,10 +254,13 @@ pub fn parse_single_form(html: &str, page_url: &Url) -> Result<Form> {
         });
         fields.push((name.clone(), value));
     }
+    // Document order across `<input>` and `<button>`.
+    buttons.sort_by_key(|(at, _, _)| *at);
     Ok(Form {
         action,
         method,
         fields,
+        buttons: buttons.into_iter().map(|(_, n, v)| (n, v)).collect(),
     })
 }
 
@@ -368,6 +417,29 @@ mod tests {
                 ("xsrf".to_owned(), "v1".to_owned()),
                 ("user_code".to_owned(), String::new()),
                 ("checked".to_owned(), "on".to_owned()),
+            ]
+        );
+        assert_eq!(form.buttons, vec![("go".to_owned(), "Go".to_owned())]);
+    }
+
+    #[test]
+    fn collects_named_submit_buttons_only() {
+        let html = r#"<form method="post">
+            <input type="submit" value="Cancel"/>
+            <input type="submit" name="allow" value="Authorize"/>
+            <button type="submit" name="action" value="accept">Accept</button>
+            <button name="action" value="deny">Deny</button>
+            <button type="button" name="js" value="x">JS</button>
+            </form>"#;
+        let page = Url::parse("http://127.0.0.1:1/o/authorize/").unwrap();
+        let form = parse_single_form(html, &page).unwrap();
+        assert!(form.fields.is_empty(), "{:?}", form.fields);
+        assert_eq!(
+            form.buttons,
+            vec![
+                ("allow".to_owned(), "Authorize".to_owned()),
+                ("action".to_owned(), "accept".to_owned()),
+                ("action".to_owned(), "deny".to_owned()),
             ]
         );
     }

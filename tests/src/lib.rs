@@ -3,7 +3,9 @@
 
 pub mod backend;
 pub mod broker_process;
+pub mod dot;
 pub mod fake_idp;
 pub mod html_form;
+pub mod matrix;
 pub mod oidc_provider;
 pub mod scenario;

@@ -336,3 +336,21 @@ async fn dropping_the_launcher_kills_the_provider() {
     .await;
     assert!(gone.is_ok(), "provider still answers after drop");
 }
+
+#[tokio::test]
+async fn a_replayed_refresh_token_is_counted() {
+    let idp = OidcProvider::start(30).await;
+    let grant = idp.mint(PUBLIC_CLIENT_ID, SCOPES).await;
+    let rt0 = rt_of(&grant);
+    let (status, body) = refresh(&idp, &rt0).await;
+    assert_eq!(status, 200, "{body}");
+    let stats = kontext_broker_tests::backend::provider_stats(idp.issuer()).await;
+    assert_eq!(stats.refresh_token_replays, 0, "{stats:?}");
+    assert_eq!(refresh(&idp, &rt0).await.0, 400);
+    let stats = kontext_broker_tests::backend::provider_stats(idp.issuer()).await;
+    assert_eq!(
+        (stats.refresh_token_grants, stats.refresh_token_replays),
+        (2, 1),
+        "{stats:?}"
+    );
+}
