@@ -190,6 +190,14 @@ async fn refresh_across_lifetimes(kind: Kind) {
             arrived_ms - previous.expires_at * 1000
         );
         assert_active(&s.idp, &token, "a proactively refreshed token").await;
+        if kind == Kind::Dot {
+            // Like Hydra, DOT deletes the previous access token as it rotates.
+            assert!(
+                !s.idp.token_active(previous.access_token.expose()).await,
+                "DOT kept generation {} alive after rotating it",
+                previous.generation
+            );
+        }
         previous = token;
         seen += 1;
     }
