@@ -742,10 +742,13 @@ pub fn record_from_response(
         .expires_in
         .unwrap_or(IMPORT_FALLBACK_LIFETIME_SECS)
         .min(engine::policy::MAX_LIFETIME_SECS);
+    let mut secrets = idp::sanitize::Secrets::none();
+    secrets.add(response.access_token.expose());
+    secrets.add(refresh_token.expose());
     let subject = response
         .id_token
         .as_deref()
-        .and_then(idp::subject_from_id_token);
+        .and_then(|t| idp::subject_from_id_token(t, &secrets));
     ProfileRecord {
         format_version: PROFILE_FORMAT_VERSION,
         name: import.profile,

@@ -4,6 +4,7 @@ use base64::Engine;
 use kontext_broker_protocol::Secret;
 use serde::Deserialize;
 
+use super::sanitize::{self, Secrets};
 use crate::{Error, Result};
 
 /// The fields of a token endpoint response that the broker keeps.
@@ -66,11 +67,12 @@ impl TokenResponse {
     }
 }
 
-/// The `email` (else `sub`) claim of an ID token, for display only.
+/// The `email` (else `sub`) claim of an ID token, for display only, passed
+/// through [`sanitize::text_with`] with `secrets` (it is IdP text).
 ///
 /// The signature is not checked here: this value is never used for a security
 /// decision. Login validates ID tokens fully through openidconnect.
-pub fn subject_from_id_token(id_token: &str) -> Option<String> {
+pub fn subject_from_id_token(id_token: &str, secrets: &Secrets) -> Option<String> {
     let payload = id_token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
@@ -80,7 +82,7 @@ pub fn subject_from_id_token(id_token: &str) -> Option<String> {
         .get("email")
         .or_else(|| claims.get("sub"))
         .and_then(|v| v.as_str())
-        .map(str::to_owned)
+        .map(|s| sanitize::text_with(s, secrets))
 }
 
 #[cfg(test)]
@@ -119,9 +121,26 @@ mod tests {
             enc("{}"),
             enc(r#"{"sub":"u1","email":"a@b.c"}"#)
         );
-        assert_eq!(subject_from_id_token(&token).as_deref(), Some("a@b.c"));
+        assert_eq!(
+            subject_from_id_token(&token, &Secrets::none()).as_deref(),
+            Some("a@b.c")
+        );
         let token = format!("{}.{}.sig", enc("{}"), enc(r#"{"sub":"u1"}"#));
-        assert_eq!(subject_from_id_token(&token).as_deref(), Some("u1"));
-        assert_eq!(subject_from_id_token("garbage"), None);
+        assert_eq!(
+            subject_from_id_token(&token, &Secrets::none()).as_deref(),
+            Some("u1")
+        );
+        assert_eq!(subject_from_id_token("garbage", &Secrets::none()), None);
+        let token = format!(
+            "{}.{}.sig",
+            enc("{}"),
+            enc(r#"{"sub":"u\u001b[2J\u0007 AT-SECRET"}"#)
+        );
+        let mut secrets = Secrets::none();
+        secrets.add("AT-SECRET");
+        assert_eq!(
+            subject_from_id_token(&token, &secrets).as_deref(),
+            Some("u[2J [redacted]")
+        );
     }
 }
