@@ -452,6 +452,7 @@ impl Service {
         if !is_valid_profile_name(&import.profile) {
             return Err(Error::InvalidProfileName(import.profile));
         }
+        crate::bounds::check_import(&import)?;
         let response = TokenResponse::parse(import.token_response.expose())?;
         let Some(refresh_token) = response.refresh_token.clone() else {
             return Err(Error::Invalid(

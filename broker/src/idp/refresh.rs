@@ -93,6 +93,11 @@ async fn refresh_grant(
         }
         Err(e) => return Err(classify_error(e, &Secrets::of_record(record))),
     };
+    super::token_response::check_tokens(
+        response.access_token().secret(),
+        response.refresh_token().map(|rt| rt.secret().as_str()),
+    )
+    .map_err(|e| RefreshError::Transient(format!("garbage token response: {e}")))?;
     Ok(Refreshed {
         access_token: Secret::new(response.access_token().secret().clone()),
         token_type: token_type_name(response.token_type()),
@@ -102,7 +107,7 @@ async fn refresh_grant(
             .map(|rt| Secret::new(rt.secret().clone())),
         scopes: response
             .scopes()
-            .map(|s| s.iter().map(|scope| scope.to_string()).collect()),
+            .map(|s| crate::bounds::granted_scopes(s.iter().map(|scope| scope.as_str()))),
     })
 }
 

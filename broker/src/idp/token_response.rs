@@ -56,15 +56,37 @@ impl TokenResponse {
                 "the token response has an empty access_token".into(),
             ));
         }
+        check_tokens(
+            response.access_token.expose(),
+            response.refresh_token.as_ref().map(|t| t.expose()),
+        )
+        .map_err(Error::Invalid)?;
         Ok(response)
     }
 
-    /// Granted scopes, if the response listed them.
+    /// Granted scopes, if the response listed them (bounded, see
+    /// [`crate::bounds::granted_scopes`]).
     pub fn scopes(&self) -> Option<Vec<String>> {
         self.scope
             .as_ref()
-            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .map(|s| crate::bounds::granted_scopes(s.split_whitespace()))
     }
+}
+
+/// Checks that both tokens are RFC 6750 `b64token`s, so no token the broker
+/// serves can carry a CR/LF into an HTTP header or an ESC into a terminal.
+/// The error names the field, never the value.
+pub fn check_tokens(access: &str, refresh: Option<&str>) -> std::result::Result<(), String> {
+    let bad = |field: &str| {
+        format!("the token response's {field} has characters outside RFC 6750 b64token ([A-Za-z0-9._~+/-]+=*)")
+    };
+    if !crate::bounds::is_b64token(access) {
+        return Err(bad("access_token"));
+    }
+    if refresh.is_some_and(|r| !crate::bounds::is_b64token(r)) {
+        return Err(bad("refresh_token"));
+    }
+    Ok(())
 }
 
 /// The `email` (else `sub`) claim of an ID token, for display only, passed
@@ -98,6 +120,25 @@ mod tests {
         assert_eq!(r.expires_in, Some(3600));
         assert_eq!(r.refresh_token.unwrap().expose(), "RT-SECRET");
         assert_eq!(r.scope.as_deref(), Some("openid offline_access"));
+    }
+
+    #[test]
+    fn tokens_outside_b64token_are_refused() {
+        for bad in [
+            r#"{"access_token":"AT\r\nX-Evil: 1","refresh_token":"RT"}"#,
+            r#"{"access_token":"AT\u001b[2J","refresh_token":"RT"}"#,
+            r#"{"access_token":"AT","refresh_token":"R T"}"#,
+        ] {
+            let err = TokenResponse::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("b64token") && !err.contains("AT") || err.contains("access_token"),
+                "{err}"
+            );
+        }
+        assert!(
+            TokenResponse::parse(r#"{"access_token":"eyJ.x-y_z~+/==","refresh_token":"RT"}"#)
+                .is_ok()
+        );
     }
 
     #[test]
