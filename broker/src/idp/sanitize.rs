@@ -21,6 +21,8 @@ pub const INVALID_CODE: &str = "invalid_response";
 pub const MAX_CODE_CHARS: usize = 64;
 /// Longest description (or other IdP text) kept, in characters.
 pub const MAX_TEXT_CHARS: usize = 200;
+/// Longest composed message (an error detail around IdP text), in characters.
+pub const MAX_COMPOSED_CHARS: usize = 512;
 /// What a secret found in IdP text is replaced with.
 pub const REDACTED: &str = "[redacted]";
 
@@ -107,12 +109,17 @@ pub fn text(text: &str) -> String {
     text_with(text, &Secrets::none())
 }
 
-/// Text that the broker composed around IdP text (say "code: description"),
-/// checked once more as a whole: control characters stripped and secrets
-/// redacted, without the length cap of its already capped parts.
+/// Text that the broker composed around IdP text (say "code: description",
+/// or an error chain naming a discovered URL), checked once more as a whole:
+/// control characters stripped, secrets redacted, and capped at
+/// [`MAX_COMPOSED_CHARS`], above the cap of its parts.
 pub fn composed(text: &str, secrets: &Secrets) -> String {
     let stripped: String = text.chars().filter(|c| !c.is_control()).collect();
-    secrets.redact(&stripped)
+    secrets
+        .redact(&stripped)
+        .chars()
+        .take(MAX_COMPOSED_CHARS)
+        .collect()
 }
 
 #[cfg(test)]
