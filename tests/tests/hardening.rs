@@ -376,3 +376,63 @@ async fn a_connection_without_hello_is_closed_and_counted() {
     // A client that greets in time is unaffected.
     broker.client().await.ping(1).await;
 }
+
+/// Defect 7, memory: 2000 connections each announce a 64 KiB frame and send
+/// half of it, 64 MB in all, then close. Before the fix the freed buffers stayed
+/// in the allocator's arenas and RSS stayed high; now it is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_frames_costs_what_was_sent_and_is_given_back() {
+    const FLOOD: usize = 2000;
+    let broker = BrokerProcess::start(BrokerOptions::default());
+    let mut admin = broker.client().await;
+    admin.ping(1).await;
+    let baseline = broker.rss_kib().expect("VmRSS");
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        let mut c = RawClient::connect(broker.socket()).await;
+        let mut half = (64u32 * 1024).to_be_bytes().to_vec();
+        half.extend_from_slice(&[0u8; 32 * 1024]);
+        c.send_raw(&half).await;
+        flood.push(c);
+    }
+    // Every connection is served: a request behind them all is answered.
+    admin.ping(2).await;
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(broker.rss_kib().unwrap());
+        tokio::task::yield_now().await;
+    }
+    drop(flood);
+    // Wait until the broker has closed them all.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin.status(3).await.broker.connections > 1 {
+        assert!(Instant::now() < deadline, "connections were not closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let closed = broker.rss_kib().unwrap();
+    // The memory comes back soon after the burst of closes (safety net: 30 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let rss = broker.rss_kib().unwrap();
+        if rss.saturating_sub(baseline) < 16 * 1024 || Instant::now() > deadline {
+            break rss;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "flood of {FLOOD} half-sent 64 KiB frames (32 KiB each sent): RSS {baseline} KiB before, \
+         {peak} KiB peak, {closed} KiB when all had closed, {after} KiB after"
+    );
+    // What was sent (64 MB) is buffered, plus per-connection overhead.
+    let sent_kib = (FLOOD * 32) as u64;
+    assert!(
+        peak - baseline < sent_kib * 2,
+        "RSS grew by {} KiB for {sent_kib} KiB sent",
+        peak - baseline
+    );
+    assert!(
+        after.saturating_sub(baseline) < 16 * 1024,
+        "RSS stayed {} KiB above the baseline after the flood closed",
+        after - baseline
+    );
+}
