@@ -106,7 +106,7 @@ fn device_error<RE: std::error::Error + 'static>(
                 DeviceCodeErrorResponseType::ExpiredToken => LoginError::DeviceCodeExpired,
                 other => {
                     let code = crate::idp::sanitize::code(
-                        &other.to_string(),
+                        other.as_ref(),
                         &crate::idp::sanitize::Secrets::none(),
                     );
                     if code == "server_error" || code == "temporarily_unavailable" {

@@ -462,7 +462,7 @@ fn token_error<RE: std::error::Error + 'static>(
     match e {
         RequestTokenError::ServerResponse(r) => {
             let code = crate::idp::sanitize::code(
-                &r.error().to_string(),
+                r.error().as_ref(),
                 &crate::idp::sanitize::Secrets::none(),
             );
             let description = r.error_description().map(|d| sanitize(d));
