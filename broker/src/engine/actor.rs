@@ -581,7 +581,7 @@ impl Actor {
                     // A token saved earlier that expired before its save succeeded.
                     Some(_) => Err(BrokerError::IdpUnavailable {
                         retry_after_secs: 1,
-                        detail: "the identity provider answered too slowly; the new token had already expired".into(),
+                        detail: "the token expired before it could be saved; the next request refreshes it".into(),
                     }),
                     None => Err(BrokerError::internal("the IdP returned no access token")),
                 }
