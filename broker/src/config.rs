@@ -35,6 +35,9 @@ pub struct Config {
     pub refresh_jitter: f64,
     /// Open connections beyond this wait for a slot.
     pub max_connections: usize,
+    /// A connection that sends no complete `Hello` within this many seconds is
+    /// closed and counted in `status` (`handshake_timeouts`).
+    pub handshake_timeout_secs: u64,
     /// Extra PEM root certificates trusted for IdP HTTPS (private CAs).
     pub extra_root_certs: Vec<PathBuf>,
     /// TCP connect timeout for IdP calls, seconds.
@@ -73,6 +76,7 @@ impl Default for Config {
             refresh_at: 0.8,
             refresh_jitter: 0.05,
             max_connections: 4096,
+            handshake_timeout_secs: 10,
             extra_root_certs: Vec::new(),
             http_connect_timeout_secs: 5,
             http_timeout_secs: 15,
@@ -118,6 +122,12 @@ impl Config {
         }
         if config.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
+        }
+        if !(1..=300).contains(&config.handshake_timeout_secs) {
+            return Err(format!(
+                "handshake_timeout_secs must be between 1 and 300, got {}",
+                config.handshake_timeout_secs
+            ));
         }
         if config.backoff_initial_secs == 0 || config.backoff_max_secs < config.backoff_initial_secs
         {

@@ -61,6 +61,10 @@ pub enum Error {
     /// No profile of that name exists.
     #[error("unknown profile `{0}`")]
     UnknownProfile(String),
+    /// A file in the state directory is not a regular file, or is larger than
+    /// a broker file may be; it was not read.
+    #[error("refusing to read {}: {problem}; move it out of the state directory", path.display())]
+    RefusedFile { path: PathBuf, problem: String },
     /// The profile name is not `[A-Za-z0-9._-]{{1,64}}`.
     #[error("invalid profile name `{0}`: use 1-64 of A-Z a-z 0-9 . _ - and do not start with `.`")]
     InvalidProfileName(String),

@@ -8,9 +8,11 @@
 //! - [`engine`]: one token engine per profile; the only code that refreshes.
 //! - [`idp`]: discovery and token-endpoint calls (openidconnect over rustls).
 //! - [`store`]: age-encrypted profile files and identities.
+//! - [`bounds`]: length caps and token charset checked at import and refresh.
 //! - [`config`], [`clock`], [`hardening`], [`daemon`]: process plumbing.
 //! - [`ctl`]: the `broker-ctl` command line.
 
+pub mod bounds;
 pub mod clock;
 pub mod config;
 pub mod ctl;

@@ -10,6 +10,7 @@
 //! mutex; the token path only takes a short synchronous lock to find the engine.
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,6 +39,17 @@ use crate::Error;
 /// Lifetime assumed for an imported access token whose response has no `expires_in`.
 const IMPORT_FALLBACK_LIFETIME_SECS: u64 = 300;
 
+/// Encoded bytes of profile entries in one `status` page, with the broker
+/// entry. The rest of the 64 KiB frame is headroom for the envelope (ids,
+/// tags, `next_after`); every field of an entry is bounded (see
+/// [`crate::bounds`]), so each entry is a few KiB at most.
+const STATUS_PAGE_BUDGET: usize = kontext_broker_protocol::MAX_FRAME_LEN - 1024;
+
+/// Bytes `value` takes on the wire.
+fn encoded_len<T: serde::Serialize>(value: &T) -> usize {
+    kontext_broker_protocol::codec::encode(value).map_or(usize::MAX / 2, |v| v.len())
+}
+
 /// Events buffered per profile for slow watchers; a watcher that falls further
 /// behind is sent the current state instead of the backlog.
 const WATCH_BUFFER: usize = 64;
@@ -49,6 +61,8 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Peers rejected because of their uid since start.
     pub rejected_peers: AtomicU64,
+    /// Connections closed since start because no complete `Hello` came in time.
+    pub handshake_timeouts: AtomicU64,
 }
 
 /// Paths the broker was started with, for `Status`.
@@ -202,7 +216,8 @@ impl Service {
                 let result = self.engine(&profile)?.refresh().await;
                 self.explain_gone(&profile, result).map(Response::Token)
             }
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => Ok(Response::Status(self.status(None))),
+            Request::StatusPage { after } => Ok(Response::Status(self.status(Some(&after)))),
             Request::Import(import) => self.import(import).await.map(Response::Imported),
             Request::Logout { profile, revoke } => self.logout(&profile, revoke).await,
             Request::Unlock { passphrase } => {
@@ -215,8 +230,8 @@ impl Service {
                 Ok(Response::Done)
             }
             Request::Ping => Ok(Response::Pong),
-            Request::SetClient(_) | Request::StatusPage { .. } => Err(BrokerError::bad_request(
-                "this broker does not implement SetClient or StatusPage yet",
+            Request::SetClient(_) => Err(BrokerError::bad_request(
+                "this broker does not implement SetClient yet",
             )),
             Request::Watch { .. } => Err(BrokerError::bad_request(
                 "Watch is a subscription; the connection handler serves it",
@@ -408,34 +423,56 @@ impl Service {
         Ok(())
     }
 
-    fn status(&self) -> StatusReport {
-        let stats = &self.inner.stats;
-        let profiles = self
-            .lock_profiles()
-            .iter()
-            .filter_map(|(name, slot)| match &slot.entry {
-                Entry::Engine(engine) => Some(engine.status()),
-                Entry::Locked => Some(bare_status(name, ProfileState::Locked, None)),
+    /// One page of `status`: the profiles whose names sort after `after` (all
+    /// from the first when `None`), as many as fit [`STATUS_PAGE_BUDGET`]
+    /// encoded bytes; `next_after` names the last one when more follow.
+    fn status(&self, after: Option<&str>) -> StatusReport {
+        let broker = self.broker_status();
+        let budget = STATUS_PAGE_BUDGET.saturating_sub(encoded_len(&broker));
+        let mut used = 0;
+        let mut profiles = Vec::new();
+        let mut next_after = None;
+        let slots = self.lock_profiles();
+        let range = match after {
+            Some(after) => slots.range::<str, _>((Excluded(after), Unbounded)),
+            None => slots.range::<str, _>(..),
+        };
+        for (name, slot) in range {
+            let status = match &slot.entry {
+                Entry::Engine(engine) => engine.status(),
+                Entry::Locked => bare_status(name, ProfileState::Locked, None),
                 Entry::Failed { error } => {
-                    Some(bare_status(name, ProfileState::Error, Some(error.clone())))
+                    bare_status(name, ProfileState::Error, Some(error.clone()))
                 }
-                Entry::Absent { .. } => None,
-            })
-            .collect();
+                Entry::Absent { .. } => continue,
+            };
+            let size = encoded_len(&status);
+            if !profiles.is_empty() && used + size > budget {
+                next_after = profiles.last().map(|p: &ProfileStatus| p.name.clone());
+                break;
+            }
+            used += size;
+            profiles.push(status);
+        }
         StatusReport {
-            broker: BrokerStatus {
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                pid: std::process::id(),
-                uptime_secs: self.inner.started.elapsed().as_secs(),
-                socket: self.inner.info.socket.display().to_string(),
-                state_dir: self.inner.info.state_dir.display().to_string(),
-                locked: self.inner.store.is_locked(),
-                connections: stats.connections.load(Ordering::Relaxed),
-                rejected_peers: stats.rejected_peers.load(Ordering::Relaxed),
-                handshake_timeouts: 0,
-            },
+            broker,
             profiles,
-            next_after: None,
+            next_after,
+        }
+    }
+
+    fn broker_status(&self) -> BrokerStatus {
+        let stats = &self.inner.stats;
+        BrokerStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_secs: self.inner.started.elapsed().as_secs(),
+            socket: self.inner.info.socket.display().to_string(),
+            state_dir: self.inner.info.state_dir.display().to_string(),
+            locked: self.inner.store.is_locked(),
+            connections: stats.connections.load(Ordering::Relaxed),
+            rejected_peers: stats.rejected_peers.load(Ordering::Relaxed),
+            handshake_timeouts: stats.handshake_timeouts.load(Ordering::Relaxed),
         }
     }
 
@@ -452,6 +489,7 @@ impl Service {
         if !is_valid_profile_name(&import.profile) {
             return Err(Error::InvalidProfileName(import.profile));
         }
+        crate::bounds::check_import(&import)?;
         let response = TokenResponse::parse(import.token_response.expose())?;
         let Some(refresh_token) = response.refresh_token.clone() else {
             return Err(Error::Invalid(
@@ -742,10 +780,13 @@ pub fn record_from_response(
         .expires_in
         .unwrap_or(IMPORT_FALLBACK_LIFETIME_SECS)
         .min(engine::policy::MAX_LIFETIME_SECS);
+    let mut secrets = idp::sanitize::Secrets::none();
+    secrets.add(response.access_token.expose());
+    secrets.add(refresh_token.expose());
     let subject = response
         .id_token
         .as_deref()
-        .and_then(idp::subject_from_id_token);
+        .and_then(|t| idp::subject_from_id_token(t, &secrets));
     ProfileRecord {
         format_version: PROFILE_FORMAT_VERSION,
         name: import.profile,

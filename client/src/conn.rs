@@ -529,9 +529,29 @@ impl BrokerClient {
         }
     }
 
-    /// Broker and profile status.
+    /// Broker and profile status, every profile: the broker answers in pages
+    /// that each fit one frame, and this fetches them all (`StatusPage`) and
+    /// returns one report whose `next_after` is `None`.
     pub async fn status(&self) -> Result<StatusReport> {
-        match self.request(Request::Status).await? {
+        let mut report = self.status_page(Request::Status).await?;
+        while let Some(after) = report.next_after.take() {
+            let page = self
+                .status_page(Request::StatusPage {
+                    after: after.clone(),
+                })
+                .await?;
+            // Pages move forward by name; anything else would loop forever.
+            if page.profiles.first().is_some_and(|p| p.name <= after) {
+                return Err(Error::unexpected("a status page after the previous one"));
+            }
+            report.profiles.extend(page.profiles);
+            report.next_after = page.next_after;
+        }
+        Ok(report)
+    }
+
+    async fn status_page(&self, request: Request) -> Result<StatusReport> {
+        match self.request(request).await? {
             Response::Status(s) => Ok(s),
             _ => Err(Error::unexpected("Status")),
         }

@@ -143,6 +143,15 @@ pub enum Failure {
     /// answering: the client never learns the new refresh token, and its old one is
     /// now a rotated one whose reuse revokes the grant.
     LoseResponse,
+    /// Answer `status` with this JSON body, verbatim except that every
+    /// `{refresh_token}` becomes the refresh token the call presented (a hostile
+    /// IdP echoing a secret). The grant is not touched.
+    Raw {
+        /// HTTP status code.
+        status: u16,
+        /// The response body (`Content-Type: application/json`).
+        body: String,
+    },
 }
 
 /// A running fake IdP. Stops its server (and open connections) on drop.
@@ -748,6 +757,21 @@ fn plan_token_call(
     let mut st = shared.lock();
     let shape = match st.failures.pop_front() {
         Some(f @ (Failure::MissingExpiresIn | Failure::LoseResponse)) => Some(f),
+        Some(Failure::Raw { status, body }) => {
+            let presented = form
+                .as_ref()
+                .and_then(|f| f.get("refresh_token"))
+                .map_or("", String::as_str);
+            return TokenPlan::Answer(
+                Response::builder()
+                    .status(status)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(
+                        body.replace("{refresh_token}", presented),
+                    )))
+                    .expect("a scripted raw response is valid"),
+            );
+        }
         Some(other) => return TokenPlan::Scripted(other),
         None => None,
     };
@@ -881,8 +905,8 @@ async fn scripted_reply(failure: Failure) -> Reply {
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
         )),
-        // Shapes of real refreshes; handled in `plan_token_call`.
-        Failure::MissingExpiresIn | Failure::LoseResponse => {
+        // Shapes of real refreshes and raw answers; handled in `plan_token_call`.
+        Failure::MissingExpiresIn | Failure::LoseResponse | Failure::Raw { .. } => {
             unreachable!("shaping failures never reach scripted_reply")
         }
     }

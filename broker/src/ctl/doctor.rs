@@ -59,7 +59,12 @@ fn check(level: Level, message: impl Into<String>) -> Check {
 pub async fn run(socket: Option<&Path>, out: &mut dyn Write) -> Result<(), Failure> {
     let checks = checks(socket).await;
     for c in &checks {
-        writeln!(out, "{:<4} {}", c.level.as_str(), c.message)?;
+        writeln!(
+            out,
+            "{:<4} {}",
+            c.level.as_str(),
+            super::escape_controls(&c.message)
+        )?;
     }
     let bad = checks.iter().filter(|c| c.level != Level::Ok).count();
     if bad == 0 {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use kontext_broker_protocol::{paths, ClientCredential, ImportRequest, DEFAULT_PROFILE};
 
+use super::render::escape_controls;
 use super::{connect, exit, read_secret_file, rfc3339, Failure};
 use crate::config::Config;
 use crate::idp::Http;
@@ -65,7 +66,7 @@ impl LoginUi for TerminalUi<'_> {
         } else {
             "Open this URL in a browser to log in:"
         };
-        let _ = writeln!(self.err, "{intro}\n{url}");
+        let _ = writeln!(self.err, "{intro}\n{}", escape_controls(url));
         let _ = self.err.flush();
     }
 
@@ -75,6 +76,10 @@ impl LoginUi for TerminalUi<'_> {
         user_code: &str,
         complete_uri: Option<&str>,
     ) {
+        // The device authorization response is IdP text.
+        let verification_uri = escape_controls(verification_uri);
+        let user_code = escape_controls(user_code);
+        let complete_uri = complete_uri.map(escape_controls);
         let _ = match complete_uri {
             Some(complete) => writeln!(
                 self.err,
@@ -89,7 +94,7 @@ impl LoginUi for TerminalUi<'_> {
     }
 
     fn notice(&mut self, message: &str) {
-        let _ = writeln!(self.err, "{message}");
+        let _ = writeln!(self.err, "{}", escape_controls(message));
     }
 }
 

@@ -21,7 +21,7 @@ use kontext_broker_protocol::{
     paths, ClientCredential, ImportRequest, Request, Response, Secret, Token, DEFAULT_PROFILE,
 };
 
-pub use render::{rfc3339, status_json, status_table, watch_json, watch_line};
+pub use render::{escape_controls, rfc3339, status_json, status_table, watch_json, watch_line};
 
 /// Exit codes of `broker-ctl` (SPEC §7). Scripts rely on these numbers.
 pub mod exit {
@@ -255,7 +255,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             let _ = stdout.flush();
-            eprintln!("broker-ctl: {}", f.message);
+            eprintln!("broker-ctl: {}", render::escape_controls(&f.message));
             ExitCode::from(f.code)
         }
     }
@@ -316,6 +316,13 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
                 .await?
                 .get_token(&profile, Duration::from_secs(min_valid))
                 .await?;
+            // The broker accepts only b64token characters; a token from an
+            // older store that breaks the rule never reaches a header here.
+            if !crate::bounds::is_b64token(t.access_token.expose()) {
+                return Err(Failure::other(
+                    "the broker served an access token with characters outside RFC 6750 b64token; refusing to print it (run `broker-ctl refresh`)",
+                ));
+            }
             writeln!(out, "{}", t.access_token.expose())?;
         }
         Command::Refresh { profile } => {
@@ -383,7 +390,7 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
             writeln!(
                 out,
                 "imported profile `{}` ({}); access token expires {}",
-                p.name,
+                render::escape_controls(&p.name),
                 p.state.as_str(),
                 p.access_token_expires_at
                     .map_or_else(|| "-".to_owned(), rfc3339)

@@ -1,10 +1,40 @@
 //! Output formats of `broker-ctl`: the `status` JSON schema (SPEC §7), the human
 //! status table, and `watch` lines. None of them ever includes a token.
+//!
+//! Human output escapes control characters ([`escape_controls`]): names,
+//! subjects, issuers and errors can come from an IdP, and an ESC or CR in
+//! them must not reach the terminal. JSON output is escaped by serde_json.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use kontext_broker_protocol::{ProfileStatus, StatusReport, WatchEvent};
 use serde_json::{json, Value};
+
+/// `text` with every control character written as a visible escape
+/// (`\x1b`, `\n`, `\u{9b}`), so it cannot move the cursor, forge a line or
+/// ring the bell.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write;
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
 
 /// Unix seconds as RFC 3339 UTC with second precision.
 pub fn rfc3339(unix_secs: u64) -> String {
@@ -51,6 +81,7 @@ pub fn status_json(s: &StatusReport) -> Value {
             "locked": b.locked,
             "connections": b.connections,
             "rejected_peers": b.rejected_peers,
+            "handshake_timeouts": b.handshake_timeouts,
         },
         "profiles": s.profiles.iter().map(profile_json).collect::<Vec<_>>(),
     })
@@ -88,9 +119,19 @@ pub fn status_table(s: &StatusReport, now: u64) -> String {
         if b.connections == 1 { "" } else { "s" },
         b.rejected_peers,
         if b.rejected_peers == 1 { "" } else { "s" },
-        b.socket,
-        b.state_dir,
+        escape_controls(&b.socket),
+        escape_controls(&b.state_dir),
     );
+    if b.handshake_timeouts > 0 {
+        out.insert_str(
+            out.find("\n  socket").unwrap_or(out.len()),
+            &format!(
+                ", {} handshake timeout{}",
+                b.handshake_timeouts,
+                if b.handshake_timeouts == 1 { "" } else { "s" }
+            ),
+        );
+    }
     if s.profiles.is_empty() {
         out.push_str("no profiles; add one with `broker-ctl login` or `broker-ctl import`\n");
         return out;
@@ -112,16 +153,20 @@ pub fn status_table(s: &StatusReport, now: u64) -> String {
         .iter()
         .map(|p| {
             [
-                p.name.clone(),
+                escape_controls(&p.name).into_owned(),
                 p.state.as_str().to_owned(),
                 relative(p.access_token_expires_at, now),
                 p.generation.to_string(),
                 p.refresh_count.to_string(),
                 p.refresh_failures.to_string(),
                 relative(p.next_refresh_at, now),
-                p.subject.clone().unwrap_or_else(|| "-".to_owned()),
-                p.issuer.clone(),
-                p.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+                p.subject
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |s| escape_controls(s).into_owned()),
+                escape_controls(&p.issuer).into_owned(),
+                p.last_error
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |e| escape_controls(e).into_owned()),
             ]
         })
         .collect();
@@ -197,7 +242,12 @@ pub fn watch_json(e: &WatchEvent) -> Value {
 
 /// One human `watch` line.
 pub fn watch_line(e: &WatchEvent, now: u64) -> String {
-    let head = format!("{} {} {}", rfc3339(now), e.profile(), event_name(e));
+    let head = format!(
+        "{} {} {}",
+        rfc3339(now),
+        escape_controls(e.profile()),
+        event_name(e)
+    );
     match e {
         WatchEvent::Token { token, .. } => format!(
             "{head} generation={} expires_at={}",
@@ -215,8 +265,72 @@ pub fn watch_line(e: &WatchEvent, now: u64) -> String {
             expires_at.map_or_else(|| "-".to_owned(), rfc3339)
         ),
         WatchEvent::ReauthRequired { message, .. } | WatchEvent::ClientRejected { message, .. } => {
-            format!("{head} {message}")
+            format!("{head} {}", escape_controls(message))
         }
         WatchEvent::Removed { .. } => head,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kontext_broker_protocol::{BrokerStatus, ProfileState};
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain"), "plain");
+        assert_eq!(
+            escape_controls("a\x1b[2Jb\x07\r\nc\u{9b}"),
+            "a\\x1b[2Jb\\x07\\r\\nc\\u{9b}"
+        );
+    }
+
+    #[test]
+    fn the_status_table_never_prints_raw_control_characters() {
+        let report = StatusReport {
+            broker: BrokerStatus {
+                version: "1".into(),
+                pid: 1,
+                uptime_secs: 1,
+                socket: "/s\x1b".into(),
+                state_dir: "/d".into(),
+                locked: false,
+                connections: 1,
+                rejected_peers: 0,
+                handshake_timeouts: 2,
+            },
+            profiles: vec![ProfileStatus {
+                name: "p".into(),
+                issuer: "https://i\x07".into(),
+                client_id: "c".into(),
+                subject: Some("eve\x1b]0;pwned\x07\x1b[2J".into()),
+                state: ProfileState::Valid,
+                access_token_expires_at: None,
+                generation: 1,
+                refresh_count: 0,
+                refresh_failures: 0,
+                last_refresh_at: None,
+                next_refresh_at: None,
+                last_error: Some("x\nFORGED line".into()),
+                lifetime_source: None,
+            }],
+            next_after: None,
+        };
+        let table = status_table(&report, 0);
+        assert!(
+            !table.contains('\x1b') && !table.contains('\x07'),
+            "{table}"
+        );
+        assert!(table.contains("eve\\x1b]0;pwned\\x07\\x1b[2J"), "{table}");
+        assert!(!table.lines().any(|l| l.starts_with("FORGED")), "{table}");
+        assert!(table.contains("2 handshake timeouts"), "{table}");
+        let line = watch_line(
+            &WatchEvent::ReauthRequired {
+                profile: "p".into(),
+                message: "m\x1b[2J".into(),
+            },
+            0,
+        );
+        assert!(!line.contains('\x1b'), "{line}");
     }
 }

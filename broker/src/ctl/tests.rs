@@ -60,6 +60,7 @@ fn status_json_has_the_spec_schema() {
         keys(&v["broker"]),
         [
             "connections",
+            "handshake_timeouts",
             "locked",
             "pid",
             "rejected_peers",

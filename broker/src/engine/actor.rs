@@ -55,6 +55,7 @@ pub fn spawn(
         jitter_draw: rand::random(),
         issued_ms: 0,
         last_job_ms: 0,
+        last_call_ms: None,
         dead_save_retry_ms: 0,
         backoff,
         counters: Counters::default(),
@@ -79,6 +80,13 @@ pub fn spawn(
     };
     tokio::spawn(actor.run(rx));
     handle
+}
+
+/// Whether a token was just issued by the IdP (as opposed to saved again).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fresh {
+    Yes,
+    No,
 }
 
 /// Where the engine is. `Busy` exists exactly while a job runs.
@@ -108,8 +116,12 @@ impl Phase {
 
 /// Work done off the actor.
 enum Job {
-    /// Call the token endpoint, then save the result.
-    Refresh(ProfileRecord),
+    /// Wait until `not_before_ms` (the one-call-per-second rule), call the
+    /// token endpoint, then save the result.
+    Refresh {
+        record: ProfileRecord,
+        not_before_ms: u64,
+    },
     /// Retry saving a record whose save failed (it holds a rotated refresh token).
     Save(ProfileRecord),
 }
@@ -162,6 +174,9 @@ struct Actor {
     issued_ms: u64,
     /// When the last job finished (ms), to space proactive refreshes.
     last_job_ms: u64,
+    /// When the last token-endpoint call started (or will start), ms; the next
+    /// one starts at least [`policy::MIN_CALL_GAP_MS`] later.
+    last_call_ms: Option<u64>,
     /// When to retry deleting a dead grant's refresh token whose deletion failed.
     dead_save_retry_ms: u64,
     backoff: Backoff,
@@ -428,7 +443,14 @@ impl Actor {
     fn begin(&mut self, waiters: Vec<Reply>) -> Job {
         self.phase = Phase::Busy { waiters };
         if self.durable {
-            Job::Refresh(self.record.clone())
+            // The job waits out the gap itself, as `Busy`: requests keep
+            // joining it, so the gap never turns into extra calls.
+            let not_before_ms = policy::next_call_ms(self.last_call_ms, self.now());
+            self.last_call_ms = Some(not_before_ms);
+            Job::Refresh {
+                record: self.record.clone(),
+                not_before_ms,
+            }
         } else {
             Job::Save(self.record.clone())
         }
@@ -486,9 +508,9 @@ impl Actor {
                     generation = self.record.generation,
                     "access token refreshed"
                 );
-                self.after_save(saved)
+                self.after_save(saved, Fresh::Yes)
             }
-            JobResult::Saved { saved } => self.after_save(saved),
+            JobResult::Saved { saved } => self.after_save(saved, Fresh::No),
             JobResult::Rejected {
                 detail,
                 record,
@@ -533,7 +555,14 @@ impl Actor {
     }
 
     /// Common tail of a refresh or save: serve the token only once it is durable.
-    fn after_save(&mut self, saved: Result<(), String>) -> Result<Token, BrokerError> {
+    /// A `fresh` token (just issued) goes to the waiters whatever its lifetime:
+    /// it is the best the IdP gives, and refusing it would only make them ask
+    /// again (SPEC §5).
+    fn after_save(
+        &mut self,
+        saved: Result<(), String>,
+        fresh: Fresh,
+    ) -> Result<Token, BrokerError> {
         match saved {
             Ok(()) if self.record.refresh_token.is_none() => {
                 // The saved record is a dead grant's: reauth stays terminal.
@@ -548,11 +577,11 @@ impl Actor {
                 self.phase = Phase::Idle;
                 let now = self.now();
                 match self.record.token() {
-                    Some(t) if policy::unexpired(&t, now) => Ok(t),
-                    // The IdP took longer than the token's whole lifetime.
+                    Some(t) if fresh == Fresh::Yes || policy::unexpired(&t, now) => Ok(t),
+                    // A token saved earlier that expired before its save succeeded.
                     Some(_) => Err(BrokerError::IdpUnavailable {
                         retry_after_secs: 1,
-                        detail: "the identity provider answered too slowly; the new token had already expired".into(),
+                        detail: "the token expired before it could be saved; the next request refreshes it".into(),
                     }),
                     None => Err(BrokerError::internal("the IdP returned no access token")),
                 }
@@ -719,7 +748,14 @@ async fn run_job(job: Job, deps: EngineDeps) -> JobResult {
         Job::Save(record) => JobResult::Saved {
             saved: save(&deps, record).await.map_err(|e| e.to_string()),
         },
-        Job::Refresh(record) => {
+        Job::Refresh {
+            record,
+            not_before_ms,
+        } => {
+            let wait = not_before_ms.saturating_sub(deps.clock.now_ms());
+            if wait > 0 {
+                deps.clock.sleep(Duration::from_millis(wait)).await;
+            }
             // The IdP computes expiry from its clock when it handles the request,
             // in whole seconds. Stamping our copy with the (floored) time the
             // request started keeps our expiry at or before the IdP's.

@@ -12,6 +12,21 @@ const MS: u64 = 1000;
 /// `expires_in` values are clamped, so no deadline arithmetic can overflow.
 pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
+/// Token-endpoint calls of one profile start at least this far apart, whatever
+/// lifetime the IdP claims, so a lying or tiny `expires_in` cannot become a
+/// storm of calls (SPEC §5: at most one on-demand call per second).
+pub const MIN_CALL_GAP_MS: u64 = 1000;
+
+/// When the next token-endpoint call may start: `now`, or [`MIN_CALL_GAP_MS`]
+/// after the last call started if that is later. A last call that lies in the
+/// future (the wall clock went back) holds nothing up.
+pub fn next_call_ms(last_call_ms: Option<u64>, now_ms: u64) -> u64 {
+    match last_call_ms {
+        Some(last) if last <= now_ms => last.saturating_add(MIN_CALL_GAP_MS).max(now_ms),
+        _ => now_ms,
+    }
+}
+
 /// Lifetime of a token in milliseconds (at least 1 ms, so ratios stay defined).
 pub fn lifetime_ms(token: &Token) -> u64 {
     (token
@@ -187,6 +202,16 @@ mod tests {
         assert_eq!(refresh_due_ms(&t, 100_300, 0.8, 0.0, 0.0), 104_300);
         // Unknown precise time (after a restart): the floored one.
         assert_eq!(refresh_due_ms(&t, 0, 0.8, 0.0, 0.0), 104_000);
+    }
+
+    #[test]
+    fn calls_start_at_least_a_second_apart() {
+        assert_eq!(next_call_ms(None, 5_000), 5_000);
+        assert_eq!(next_call_ms(Some(4_500), 5_000), 5_500);
+        assert_eq!(next_call_ms(Some(3_000), 5_000), 5_000);
+        assert_eq!(next_call_ms(Some(5_000), 5_000), 6_000);
+        // The clock went back: the old stamp holds nothing up.
+        assert_eq!(next_call_ms(Some(9_000), 5_000), 5_000);
     }
 
     #[test]

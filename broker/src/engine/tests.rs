@@ -264,6 +264,8 @@ async fn rotation_is_saved_before_the_token_is_served_and_the_new_refresh_token_
     let saved = rig.store.last();
     assert_eq!(saved.refresh_token.as_ref().unwrap().expose(), "rt-100");
     assert_eq!(saved.generation, 2);
+    // Token-endpoint calls are at least a second apart.
+    rig.clock.advance(Duration::from_secs(1));
     rig.engine.refresh().await.unwrap();
     assert_eq!(rig.idp.presented(), ["rt-0", "rt-100"]);
 }
@@ -627,3 +629,5 @@ async fn a_failed_delete_of_the_dead_refresh_token_is_retried_and_reauth_stays()
     assert!(matches!(err, BrokerError::ReauthRequired { .. }), "{err:?}");
     assert_eq!(rig.idp.calls(), 1);
 }
+
+mod storm;

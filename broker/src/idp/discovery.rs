@@ -238,7 +238,13 @@ async fn fetch(http: &Http, url: &Url) -> std::result::Result<Metadata, Fetch> {
         return Err(Fetch::Absent(format!("HTTP {status}")));
     }
     serde_json::from_slice(response.body())
-        .map_err(|e| Fetch::Absent(format!("not a metadata document: {e}")))
+        // serde_json quotes offending values: IdP text.
+        .map_err(|e| {
+            Fetch::Absent(format!(
+                "not a metadata document: {}",
+                super::sanitize::text(&e.to_string())
+            ))
+        })
 }
 
 /// The document, if it names `issuer` and every endpoint in it is allowed.
@@ -246,7 +252,7 @@ fn checked(issuer: &str, doc: Metadata) -> std::result::Result<Metadata, String>
     if doc.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
         return Err(format!(
             "the document names issuer `{}`, not `{issuer}`",
-            crate::login::sanitize(&doc.issuer)
+            super::sanitize::text(&doc.issuer)
         ));
     }
     for (what, url) in [
@@ -263,7 +269,7 @@ fn checked(issuer: &str, doc: Metadata) -> std::result::Result<Metadata, String>
         ("jwks_uri", &doc.jwks_uri),
     ] {
         if let Some(url) = url {
-            validate_endpoint(what, url).map_err(|e| crate::login::sanitize(&e.to_string()))?;
+            validate_endpoint(what, url).map_err(|e| super::sanitize::text(&e.to_string()))?;
         }
     }
     Ok(doc)

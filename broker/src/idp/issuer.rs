@@ -41,8 +41,11 @@ pub fn validate_issuer(issuer: &str) -> Result<Url> {
 /// Checks an endpoint from a discovery document by the same scheme rule, so a
 /// document cannot downgrade token traffic to plain HTTP.
 pub fn validate_endpoint(what: &str, endpoint: &str) -> Result<Url> {
-    let url = Url::parse(endpoint)
-        .map_err(|e| Error::Invalid(format!("{what} `{endpoint}` is not a URL: {e}")))?;
+    let url = Url::parse(endpoint).map_err(|e| {
+        // Discovery documents are IdP text.
+        let endpoint = super::sanitize::text(endpoint);
+        Error::Invalid(format!("{what} `{endpoint}` is not a URL: {e}"))
+    })?;
     check_scheme(&url, what)?;
     Ok(url)
 }

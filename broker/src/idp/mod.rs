@@ -9,6 +9,7 @@ mod discovery;
 mod http;
 mod issuer;
 mod refresh;
+pub mod sanitize;
 mod token_response;
 
 use std::time::Duration;

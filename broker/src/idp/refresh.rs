@@ -8,6 +8,7 @@ use openidconnect::{
     RequestTokenError, StandardErrorResponse, TokenType, TokenUrl,
 };
 
+use super::sanitize::{self, Secrets};
 use super::{Http, Idp};
 use crate::engine::{RefreshError, Refreshed, TokenEndpoint};
 use crate::store::ProfileRecord;
@@ -19,7 +20,21 @@ impl TokenEndpoint for Idp {
         record: ProfileRecord,
     ) -> BoxFuture<'static, std::result::Result<Refreshed, RefreshError>> {
         let http = self.http.clone();
-        Box::pin(async move { refresh_grant(&http, &record).await })
+        Box::pin(async move {
+            // Every detail leaves here sanitized: it reaches the warn log,
+            // `last_error`, watchers and terminals.
+            refresh_grant(&http, &record).await.map_err(|e| {
+                let secrets = Secrets::of_record(&record);
+                match e {
+                    RefreshError::Rejected(d) => {
+                        RefreshError::Rejected(sanitize::composed(&d, &secrets))
+                    }
+                    RefreshError::Transient(d) => {
+                        RefreshError::Transient(sanitize::composed(&d, &secrets))
+                    }
+                }
+            })
+        })
     }
 }
 
@@ -65,7 +80,9 @@ async fn refresh_grant(
             // answer away would cost the user a login: read it leniently.
             let rescued = rescue(&body).ok_or_else(|| match error_code(&body) {
                 // An error body oauth2 could not parse still names its error.
-                Some(code) => classify_code(&code, code.clone()),
+                Some(code) => {
+                    classify_code(&code, sanitize::code(&code, &Secrets::of_record(record)))
+                }
                 None => RefreshError::Transient(format!(
                     "unreadable token response (at `{}`)",
                     e.path()
@@ -74,8 +91,13 @@ async fn refresh_grant(
             zeroize::Zeroize::zeroize(&mut body);
             return rescued;
         }
-        Err(e) => return Err(classify_error(e)),
+        Err(e) => return Err(classify_error(e, &Secrets::of_record(record))),
     };
+    super::token_response::check_tokens(
+        response.access_token().secret(),
+        response.refresh_token().map(|rt| rt.secret().as_str()),
+    )
+    .map_err(|e| RefreshError::Transient(format!("garbage token response: {e}")))?;
     Ok(Refreshed {
         access_token: Secret::new(response.access_token().secret().clone()),
         token_type: token_type_name(response.token_type()),
@@ -85,7 +107,7 @@ async fn refresh_grant(
             .map(|rt| Secret::new(rt.secret().clone())),
         scopes: response
             .scopes()
-            .map(|s| s.iter().map(|scope| scope.to_string()).collect()),
+            .map(|s| crate::bounds::granted_scopes(s.iter().map(|scope| scope.as_str()))),
     })
 }
 
@@ -140,31 +162,33 @@ fn token_type_name<T: TokenType>(t: &T) -> String {
 ///
 /// Only an explicit `invalid_grant`, `invalid_client` or `unauthorized_client`
 /// means the grant is dead; everything else, including an IdP that answers with
-/// garbage, is transient. Details never include response bodies, which may hold
-/// tokens.
+/// garbage, is transient. Details never include response bodies, and the IdP's
+/// code and description pass [`sanitize`] with the profile's `secrets`.
 pub fn classify_error<RE: std::error::Error + 'static>(
     e: RequestTokenError<RE, StandardErrorResponse<CoreErrorResponseType>>,
+    secrets: &Secrets,
 ) -> RefreshError {
     match e {
         RequestTokenError::ServerResponse(response) => {
             let code = response.error();
-            let mut detail = code.to_string();
+            let mut detail = sanitize::code(code.as_ref(), secrets);
             if let Some(description) = response.error_description() {
-                // IdP text reaches logs and terminals: no control characters.
                 detail.push_str(": ");
-                detail.push_str(&crate::login::sanitize(description));
+                detail.push_str(&sanitize::text_with(description, secrets));
             }
             classify_code(code.as_ref(), detail)
         }
-        RequestTokenError::Request(e) => {
-            RefreshError::Transient(format!("request failed: {}", super::http::error_chain(&e)))
-        }
+        RequestTokenError::Request(e) => RefreshError::Transient(format!(
+            "request failed: {}",
+            sanitize::composed(&super::http::error_chain(&e), secrets)
+        )),
         RequestTokenError::Parse(e, _body) => {
             RefreshError::Transient(format!("unreadable token response (at `{}`)", e.path()))
         }
-        RequestTokenError::Other(detail) => {
-            RefreshError::Transient(format!("unexpected token response: {detail}"))
-        }
+        RequestTokenError::Other(detail) => RefreshError::Transient(format!(
+            "unexpected token response: {}",
+            sanitize::text_with(&detail, secrets)
+        )),
     }
 }
 
@@ -198,7 +222,10 @@ pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
             secret.map(|s| (record.client_id.as_str(), s)),
         )
         .await
-        .map_err(|e| Error::IdpTransient(format!("revocation failed: {e}")))?;
+        .map_err(|e| {
+            let detail = sanitize::composed(&e.to_string(), &Secrets::of_record(record));
+            Error::IdpTransient(format!("revocation failed: {detail}"))
+        })?;
     match status {
         // RFC 7009 §2.2: 200 whether or not the token was valid.
         200 => Ok(()),

@@ -4,6 +4,7 @@ use base64::Engine;
 use kontext_broker_protocol::Secret;
 use serde::Deserialize;
 
+use super::sanitize::{self, Secrets};
 use crate::{Error, Result};
 
 /// The fields of a token endpoint response that the broker keeps.
@@ -55,22 +56,45 @@ impl TokenResponse {
                 "the token response has an empty access_token".into(),
             ));
         }
+        check_tokens(
+            response.access_token.expose(),
+            response.refresh_token.as_ref().map(|t| t.expose()),
+        )
+        .map_err(Error::Invalid)?;
         Ok(response)
     }
 
-    /// Granted scopes, if the response listed them.
+    /// Granted scopes, if the response listed them (bounded, see
+    /// [`crate::bounds::granted_scopes`]).
     pub fn scopes(&self) -> Option<Vec<String>> {
         self.scope
             .as_ref()
-            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .map(|s| crate::bounds::granted_scopes(s.split_whitespace()))
     }
 }
 
-/// The `email` (else `sub`) claim of an ID token, for display only.
+/// Checks that both tokens are RFC 6750 `b64token`s, so no token the broker
+/// serves can carry a CR/LF into an HTTP header or an ESC into a terminal.
+/// The error names the field, never the value.
+pub fn check_tokens(access: &str, refresh: Option<&str>) -> std::result::Result<(), String> {
+    let bad = |field: &str| {
+        format!("the token response's {field} has characters outside RFC 6750 b64token ([A-Za-z0-9._~+/-]+=*)")
+    };
+    if !crate::bounds::is_b64token(access) {
+        return Err(bad("access_token"));
+    }
+    if refresh.is_some_and(|r| !crate::bounds::is_b64token(r)) {
+        return Err(bad("refresh_token"));
+    }
+    Ok(())
+}
+
+/// The `email` (else `sub`) claim of an ID token, for display only, passed
+/// through [`sanitize::text_with`] with `secrets` (it is IdP text).
 ///
 /// The signature is not checked here: this value is never used for a security
 /// decision. Login validates ID tokens fully through openidconnect.
-pub fn subject_from_id_token(id_token: &str) -> Option<String> {
+pub fn subject_from_id_token(id_token: &str, secrets: &Secrets) -> Option<String> {
     let payload = id_token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
@@ -80,7 +104,7 @@ pub fn subject_from_id_token(id_token: &str) -> Option<String> {
         .get("email")
         .or_else(|| claims.get("sub"))
         .and_then(|v| v.as_str())
-        .map(str::to_owned)
+        .map(|s| sanitize::text_with(s, secrets))
 }
 
 #[cfg(test)]
@@ -96,6 +120,23 @@ mod tests {
         assert_eq!(r.expires_in, Some(3600));
         assert_eq!(r.refresh_token.unwrap().expose(), "RT-SECRET");
         assert_eq!(r.scope.as_deref(), Some("openid offline_access"));
+    }
+
+    #[test]
+    fn tokens_outside_b64token_are_refused() {
+        for bad in [
+            r#"{"access_token":"AT\r\nX-Evil: 1","refresh_token":"RT"}"#,
+            r#"{"access_token":"AT\u001b[2J","refresh_token":"RT"}"#,
+            r#"{"access_token":"AT","refresh_token":"R T"}"#,
+        ] {
+            let err = TokenResponse::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("b64token"), "{err}");
+            assert!(!err.contains("Evil") && !err.contains("[2J") && !err.contains("R T"));
+        }
+        assert!(
+            TokenResponse::parse(r#"{"access_token":"eyJ.x-y_z~+/==","refresh_token":"RT"}"#)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -119,9 +160,26 @@ mod tests {
             enc("{}"),
             enc(r#"{"sub":"u1","email":"a@b.c"}"#)
         );
-        assert_eq!(subject_from_id_token(&token).as_deref(), Some("a@b.c"));
+        assert_eq!(
+            subject_from_id_token(&token, &Secrets::none()).as_deref(),
+            Some("a@b.c")
+        );
         let token = format!("{}.{}.sig", enc("{}"), enc(r#"{"sub":"u1"}"#));
-        assert_eq!(subject_from_id_token(&token).as_deref(), Some("u1"));
-        assert_eq!(subject_from_id_token("garbage"), None);
+        assert_eq!(
+            subject_from_id_token(&token, &Secrets::none()).as_deref(),
+            Some("u1")
+        );
+        assert_eq!(subject_from_id_token("garbage", &Secrets::none()), None);
+        let token = format!(
+            "{}.{}.sig",
+            enc("{}"),
+            enc(r#"{"sub":"u\u001b[2J\u0007 AT-SECRET"}"#)
+        );
+        let mut secrets = Secrets::none();
+        secrets.add("AT-SECRET");
+        assert_eq!(
+            subject_from_id_token(&token, &secrets).as_deref(),
+            Some("u[2J [redacted]")
+        );
     }
 }

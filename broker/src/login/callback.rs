@@ -163,7 +163,7 @@ fn evaluate(
     }
     if let Some(error) = param(params, "error") {
         return Err(LoginError::Denied {
-            error: sanitize(error),
+            error: crate::idp::sanitize::code(error, &crate::idp::sanitize::Secrets::none()),
             description: param(params, "error_description").map(sanitize),
         });
     }

@@ -105,7 +105,10 @@ fn device_error<RE: std::error::Error + 'static>(
                 },
                 DeviceCodeErrorResponseType::ExpiredToken => LoginError::DeviceCodeExpired,
                 other => {
-                    let code = other.to_string();
+                    let code = crate::idp::sanitize::code(
+                        other.as_ref(),
+                        &crate::idp::sanitize::Secrets::none(),
+                    );
                     if code == "server_error" || code == "temporarily_unavailable" {
                         LoginError::IdpUnavailable(code)
                     } else if code == "invalid_scope" {

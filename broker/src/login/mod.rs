@@ -210,11 +210,8 @@ impl LoginError {
     }
 }
 
-/// Shortens IdP-provided text and strips control characters, so a hostile
-/// IdP cannot paint the terminal or flood the error line.
-pub(crate) fn sanitize(text: &str) -> String {
-    text.chars().filter(|c| !c.is_control()).take(200).collect()
-}
+/// IdP text on its way to the terminal: see [`crate::idp::sanitize`].
+pub(crate) use crate::idp::sanitize::text as sanitize;
 
 /// Runs a login to completion: discovery, optional registration, the flow,
 /// and ID token validation. Dropping the future cancels it and closes the
@@ -464,7 +461,10 @@ fn token_error<RE: std::error::Error + 'static>(
 ) -> LoginError {
     match e {
         RequestTokenError::ServerResponse(r) => {
-            let code = r.error().to_string();
+            let code = crate::idp::sanitize::code(
+                r.error().as_ref(),
+                &crate::idp::sanitize::Secrets::none(),
+            );
             let description = r.error_description().map(|d| sanitize(d));
             if matches!(
                 r.error(),
@@ -589,11 +589,5 @@ mod tests {
             name_scopes(denied, &scopes),
             LoginError::Denied { .. }
         ));
-    }
-
-    #[test]
-    fn sanitize_strips_control_characters_and_caps_length() {
-        assert_eq!(sanitize("a\x1b[31mb\nc"), "a[31mbc");
-        assert_eq!(sanitize(&"x".repeat(500)).len(), 200);
     }
 }

@@ -9,6 +9,10 @@ use openidconnect::AsyncHttpClient;
 use serde::Deserialize;
 
 use super::{sanitize, LoginError};
+
+fn code(code: &str) -> String {
+    crate::idp::sanitize::code(code, &crate::idp::sanitize::Secrets::none())
+}
 use crate::idp::{validate_endpoint, Http};
 
 /// The RFC 8628 grant type.
@@ -80,8 +84,8 @@ pub async fn register_client(
     if !status.is_success() {
         let detail = match serde_json::from_slice::<RegistrationError>(response.body()) {
             Ok(e) => match e.error_description {
-                Some(d) => format!("{}: {}", sanitize(&e.error), sanitize(&d)),
-                None => sanitize(&e.error),
+                Some(d) => format!("{}: {}", code(&e.error), sanitize(&d)),
+                None => code(&e.error),
             },
             Err(_) => format!("HTTP {status}"),
         };

@@ -89,10 +89,18 @@ impl Handler {
         let service = self.service.clone();
         let _open = OpenConnection::new(&service.stats().connections);
 
+        // No complete Hello in time: the slot goes back (SPEC: 10 s by default).
+        let deadline = Duration::from_secs(service.config().handshake_timeout_secs);
         let greeted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => false,
-            ok = self.handshake(&mut reader, &mut writer) => ok,
+            ok = tokio::time::timeout(deadline, self.handshake(&mut reader, &mut writer)) => {
+                ok.unwrap_or_else(|_| {
+                    service.stats().handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                    debug!(conn = self.id, "no Hello in time; closing");
+                    false
+                })
+            }
         };
         if !greeted {
             return;

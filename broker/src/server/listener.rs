@@ -86,7 +86,10 @@ impl Listener {
             next_id = next_id.wrapping_add(1);
             debug!(conn = next_id, pid = cred.pid(), "accepted connection");
             let handler = Handler::new(next_id, self.service.clone(), self.tracker.clone());
-            self.tracker.spawn(handler.run(stream, permit));
+            self.tracker.spawn(async move {
+                handler.run(stream, permit).await;
+                super::trim::connection_closed();
+            });
         }
     }
 }

@@ -8,6 +8,7 @@
 mod handler;
 mod listener;
 pub mod socket;
+mod trim;
 
 use std::time::Duration;
 

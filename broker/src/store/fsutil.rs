@@ -7,7 +7,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -71,12 +71,50 @@ pub(crate) fn check_owner_and_mode(path: &Path, meta: &fs::Metadata, octal: &str
     Ok(())
 }
 
-/// Opens `path` read-only without following a final symlink.
+/// Opens `path` read-only without following a final symlink, and without
+/// blocking: opening a FIFO someone planted returns at once (the caller's
+/// `fstat` then refuses it) instead of waiting forever for a writer.
 pub(crate) fn open_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
+}
+
+/// Largest file the store reads: profile records and identities are a few KiB.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Refuses what the open descriptor's `meta` shows is not a regular file of
+/// at most [`MAX_FILE_BYTES`], so such a file is never read.
+pub(crate) fn check_readable(path: &Path, meta: &fs::Metadata) -> Result<()> {
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::RefusedFile {
+            path: path.to_path_buf(),
+            problem: format!("it is {what}, not a regular file"),
+        });
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::RefusedFile {
+            path: path.to_path_buf(),
+            problem: format!(
+                "it has {} bytes, more than the {MAX_FILE_BYTES} a broker file may have",
+                meta.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Reads a private file: regular, ours, mode without group/other bits. The
@@ -97,13 +135,7 @@ pub(crate) fn read_private_file(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>
         Err(e) => return Err(Error::io(ctx(), e)),
     };
     let meta = file.metadata().map_err(|e| Error::io(ctx(), e))?;
-    if !meta.is_file() {
-        return Err(Error::UnsafePermissions {
-            path: path.to_path_buf(),
-            problem: "not a regular file".into(),
-            fix: format!("replace {} with a regular file", path.display()),
-        });
-    }
+    check_readable(path, &meta)?;
     check_owner_and_mode(path, &meta, "600")?;
     read_all(&mut file, meta.len())
         .map(Some)
@@ -111,10 +143,18 @@ pub(crate) fn read_private_file(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>
 }
 
 /// Reads the whole file into a zeroizing buffer sized up front, so no
-/// reallocation leaves an unzeroed copy behind.
+/// reallocation leaves an unzeroed copy behind. Never reads (or reserves)
+/// more than [`MAX_FILE_BYTES`] + 1 bytes, whatever `len_hint` or the file
+/// says; a file that grew past the cap since its `fstat` is an error.
 pub(crate) fn read_all(file: &mut File, len_hint: u64) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(len_hint as usize + 1));
-    file.read_to_end(&mut buf)?;
+    let cap = len_hint.min(MAX_FILE_BYTES) as usize + 1;
+    let mut buf = Zeroizing::new(Vec::with_capacity(cap));
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::other(format!(
+            "the file grew past {MAX_FILE_BYTES} bytes while it was read"
+        )));
+    }
     Ok(buf)
 }
 

@@ -337,7 +337,7 @@ fn profile_file_name(name: &str) -> String {
 type FileId = (u64, u64);
 
 /// Reads a profile's ciphertext and the (device, inode) it came from.
-fn read_profile(path: &Path) -> Result<Option<(Vec<u8>, FileId)>> {
+fn read_profile(path: &Path) -> Result<Option<(zeroize::Zeroizing<Vec<u8>>, FileId)>> {
     let ctx = || format!("reading {}", path.display());
     let mut file = match fsutil::open_nofollow(path) {
         Ok(f) => f,
@@ -345,8 +345,9 @@ fn read_profile(path: &Path) -> Result<Option<(Vec<u8>, FileId)>> {
         Err(e) => return Err(Error::io(ctx(), e)),
     };
     let meta = file.metadata().map_err(|e| Error::io(ctx(), e))?;
-    let mut buf = Vec::with_capacity(meta.len() as usize + 1);
-    io::Read::read_to_end(&mut file, &mut buf).map_err(|e| Error::io(ctx(), e))?;
+    // A FIFO, device or huge file is refused before a byte is read.
+    fsutil::check_readable(path, &meta)?;
+    let buf = fsutil::read_all(&mut file, meta.len()).map_err(|e| Error::io(ctx(), e))?;
     Ok(Some((buf, (meta.dev(), meta.ino()))))
 }
 
@@ -368,5 +369,36 @@ mod tests {
             .unwrap();
         let dbg = format!("{store:?}");
         assert!(!dbg.contains(key) && dbg.contains("locked: false"), "{dbg}");
+    }
+
+    #[test]
+    fn fifos_and_huge_files_are_refused_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("s");
+        let store = Store::open(&state, StoreOptions::default()).unwrap();
+        let profiles = state.join(PROFILES_DIR);
+        // Opening a FIFO for reading blocks until a writer comes, without O_NONBLOCK.
+        let fifo = std::ffi::CString::new(
+            profiles
+                .join("pipe.age")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Sparse: a terabyte that takes no disk, and would abort a read_to_end.
+        std::fs::File::create(profiles.join("huge.age"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert_eq!(store.profile_names().unwrap(), ["huge", "pipe"]);
+        for (name, problem) in [("pipe", "a FIFO"), ("huge", "1099511627776 bytes")] {
+            match store.load(name) {
+                Err(Error::RefusedFile { problem: p, .. }) => assert!(p.contains(problem), "{p}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // Neither was moved aside: they are not corrupt profiles, just not ours.
+        assert!(profiles.join("pipe.age").exists() && profiles.join("huge.age").exists());
     }
 }
