@@ -1,4 +1,4 @@
-//! `broker-ctl login` (SPEC §6): run the OAuth flow in this process and import
+//! `broker-ctl login` (docs/contract.md §6): run the OAuth flow in this process and import
 //! the result into the running broker.
 //!
 //! The broker is pinged before anything else, so no browser opens for a login

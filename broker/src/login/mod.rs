@@ -1,4 +1,4 @@
-//! Logging in (SPEC §6): run an OAuth flow against the IdP and hand back a
+//! Logging in (docs/contract.md §6): run an OAuth flow against the IdP and hand back a
 //! token endpoint response ready for the broker's `Import`.
 //!
 //! Two flows, both through `openidconnect`:
@@ -16,6 +16,11 @@
 //! The flow runs in the caller's process (the CLI), never in the broker: the
 //! broker only ever sees the finished token response. Nothing here logs or
 //! formats a token; errors carry IdP error codes and descriptions only.
+//!
+//! Every token response, in both flows, passes `LoginContext::accept`: the ID
+//! token checks of `verify` (docs/security.md, "Logging in") and a refresh
+//! token. A refused response stores nothing and its tokens are revoked in the
+//! background (`discard`).
 
 mod browser;
 mod callback;
