@@ -21,10 +21,12 @@
 //!   [`Failure::LoseResponse`] for a refresh that completes but is never answered.
 //!
 //! Endpoints (under the issuer): `/.well-known/openid-configuration` and/or
-//! `/.well-known/oauth-authorization-server`, `/jwks` (empty), `POST /token`
-//! (only `grant_type=refresh_token`), `POST /revoke`, `POST /introspect` (no
-//! client authentication), `GET /userinfo`. `/authorize` is advertised because
-//! openidconnect requires it, but answers 404: log in against `oidc-provider`.
+//! `/.well-known/oauth-authorization-server`, `/jwks`, `POST /token`
+//! (`refresh_token`, plus the login grants of [`oidc`]), `POST /revoke`,
+//! `POST /introspect` (no client authentication), `GET /userinfo`, and the
+//! login side in [`oidc`]: `GET /authorize` (approves at once and redirects),
+//! `POST /device_authorization` (approved at once), signed ID tokens and a
+//! hostile mode ([`IdTokenForgery`]).
 //!
 //! Expiry uses the wall clock ([`SystemTime`]), like `expires_in` does.
 //! The server listens on `127.0.0.1:0` and stops when the [`FakeIdp`] is dropped.
@@ -46,6 +48,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+mod keys;
+mod oidc;
+
+pub use oidc::{IdTokenForgery, IssParameter, DEVICE_CODE_GRANT};
 
 /// The largest request body the fake accepts (form posts are tiny).
 const MAX_BODY: usize = 64 * 1024;
@@ -208,6 +215,7 @@ struct State {
     revocation_listing: RevocationListing,
     /// When set, the revocation endpoint answers this status (after counting the call).
     revocation_status: Option<u16>,
+    oidc: oidc::OidcState,
 }
 
 struct Grant {
@@ -551,23 +559,26 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
         (Method::GET, "/.well-known/openid-configuration")
             if matches!(discovery, Discovery::Oidc | Discovery::Both) =>
         {
-            let mut st = shared.lock();
-            st.discovery_calls += 1;
-            let revocation = st.revocation_listing == RevocationListing::Everywhere;
-            json_reply(StatusCode::OK, metadata(&shared.issuer, revocation))
+            let revocation = {
+                let mut st = shared.lock();
+                st.discovery_calls += 1;
+                st.revocation_listing == RevocationListing::Everywhere
+            };
+            json_reply(StatusCode::OK, metadata(shared, revocation))
         }
         (Method::GET, "/.well-known/oauth-authorization-server")
             if matches!(discovery, Discovery::Rfc8414Only | Discovery::Both) =>
         {
-            let mut st = shared.lock();
-            st.discovery_calls += 1;
-            let revocation = st.revocation_listing != RevocationListing::Nowhere;
-            json_reply(StatusCode::OK, metadata(&shared.issuer, revocation))
+            let revocation = {
+                let mut st = shared.lock();
+                st.discovery_calls += 1;
+                st.revocation_listing != RevocationListing::Nowhere
+            };
+            json_reply(StatusCode::OK, metadata(shared, revocation))
         }
-        (Method::GET, "/jwks") => {
-            shared.lock().discovery_calls += 1;
-            json_reply(StatusCode::OK, json!({ "keys": [] }))
-        }
+        (Method::GET, "/jwks") => oidc::jwks(shared),
+        (Method::GET, "/authorize") => oidc::authorize(shared, &req),
+        (Method::POST, "/device_authorization") => oidc::device_authorization(shared, req).await,
         (Method::POST, "/token") => token_endpoint(shared, req).await,
         (Method::POST, "/revoke") => revocation_endpoint(shared, req).await,
         (Method::POST, "/introspect") => introspection_endpoint(shared, req).await,
@@ -580,7 +591,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
 /// (issuer, authorization_endpoint, jwks_uri, response_types_supported,
 /// subject_types_supported, id_token_signing_alg_values_supported) plus the
 /// endpoints the broker uses.
-fn metadata(issuer: &str, with_revocation: bool) -> Value {
+fn metadata(shared: &Shared, with_revocation: bool) -> Value {
+    let issuer = &shared.issuer;
     let mut doc = json!({
         "issuer": issuer,
         "authorization_endpoint": format!("{issuer}/authorize"),
@@ -602,6 +614,7 @@ fn metadata(issuer: &str, with_revocation: bool) -> Value {
             .expect("an object")
             .remove("revocation_endpoint");
     }
+    oidc::extend_metadata(shared, &mut doc);
     doc
 }
 
@@ -783,6 +796,12 @@ fn plan_token_call(
     }
     match form.get("grant_type").map(String::as_str) {
         Some("refresh_token") => {}
+        Some("authorization_code") => {
+            return TokenPlan::Answer(oidc::code_grant(shared, &mut st, &form))
+        }
+        Some(DEVICE_CODE_GRANT) => {
+            return TokenPlan::Answer(oidc::device_grant(shared, &mut st, &form))
+        }
         Some(_) => {
             return TokenPlan::Answer(oauth_error(
                 StatusCode::BAD_REQUEST,

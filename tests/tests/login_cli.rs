@@ -76,6 +76,7 @@ fn args(idp: &OidcProvider, profile: &str) -> LoginArgs {
         no_browser: true,
         register: false,
         endpoints: Default::default(),
+        timeout: PATIENCE.as_secs(),
     }
 }
 
@@ -99,8 +100,7 @@ async fn login_code_flow_imports_into_the_broker() {
             args(&idp, "work"),
             Some(broker.socket()),
             &mut out,
-            &mut err,
-            PATIENCE
+            &mut err
         ),
         user
     );
@@ -150,7 +150,7 @@ async fn login_device_flow_prints_the_complete_uri_and_imports() {
         ..args(&idp, "default")
     };
     let (result, ()) = tokio::join!(
-        login::run(device, Some(broker.socket()), &mut out, &mut err, PATIENCE),
+        login::run(device, Some(broker.socket()), &mut out, &mut err),
         user
     );
     result.unwrap();
@@ -170,15 +170,9 @@ async fn login_without_a_broker_fails_before_showing_any_url() {
     let socket = tmp.path().join("nobody-here.sock");
     let (mut err, mut err_rx) = sink();
     let mut out = Vec::new();
-    let failure = login::run(
-        args(&idp, "default"),
-        Some(&socket),
-        &mut out,
-        &mut err,
-        PATIENCE,
-    )
-    .await
-    .unwrap_err();
+    let failure = login::run(args(&idp, "default"), Some(&socket), &mut out, &mut err)
+        .await
+        .unwrap_err();
     assert_eq!(failure.code, exit::UNREACHABLE, "{}", failure.message);
     drop(err);
     assert_eq!(err_rx.recv().await, None, "nothing was shown to the user");

@@ -240,7 +240,9 @@ async fn access_denied_callback_is_a_clear_error() {
         .query_pairs_mut()
         .append_pair("error", "access_denied")
         .append_pair("error_description", "End-User aborted interaction")
-        .append_pair("state", &state);
+        .append_pair("state", &state)
+        // oidc-provider advertises RFC 9207, so its callbacks must carry `iss`.
+        .append_pair("iss", idp.issuer());
     assert_eq!(
         http_client().get(callback).send().await.unwrap().status(),
         400

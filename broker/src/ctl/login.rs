@@ -1,13 +1,17 @@
-//! `broker-ctl login` (SPEC §6): run the OAuth flow in this process and import
+//! `broker-ctl login` (docs/contract.md §6): run the OAuth flow in this process and import
 //! the result into the running broker.
 //!
 //! The broker is pinged before anything else, so no browser opens for a login
 //! that could not be stored. Instructions and the URL go to stderr (messages);
-//! the one-line summary goes to stdout (data), like `import`.
+//! the one-line summary goes to stdout (data), like `import`. Ctrl-C cancels
+//! the login (exit 130, nothing stored); `--timeout` bounds the wait for the user.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
 
 use kontext_broker_protocol::{paths, ClientCredential, ImportRequest, DEFAULT_PROFILE};
 
@@ -51,6 +55,25 @@ pub struct LoginArgs {
     /// Register a new public client first (RFC 7591 dynamic registration).
     #[arg(long)]
     pub register: bool,
+    /// How long to wait for the user to finish in the browser (or approve the device code).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
+    pub timeout: u64,
+}
+
+/// Default of `--timeout`, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = crate::login::DEFAULT_TIMEOUT.as_secs();
+
+/// Longest wait, after the outcome is printed, for the login's background work
+/// (the browser's answer page, revoking refused tokens) before the process exits.
+pub const BACKGROUND_GRACE: Duration = Duration::from_secs(20);
+
+/// Work a login leaves behind in this process; see [`finish_background`].
+static BACKGROUND: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
+
+/// Waits (at most [`BACKGROUND_GRACE`]) for the work logins left behind.
+pub async fn finish_background() {
+    BACKGROUND.close();
+    let _ = tokio::time::timeout(BACKGROUND_GRACE, BACKGROUND.wait()).await;
 }
 
 /// Prints the flow's instructions to the message stream (stderr).
@@ -111,14 +134,32 @@ fn failure(e: LoginError) -> Failure {
     }
 }
 
-/// Runs `broker-ctl login`: messages (and the URL) to `err`, the summary to `out`.
+/// Runs `broker-ctl login`: messages (and the URL) to `err`, the summary to
+/// `out`. SIGINT (Ctrl-C) during the flow ends it with [`exit::CANCELLED`].
 pub async fn run(
     args: LoginArgs,
     socket: Option<&Path>,
     out: &mut dyn Write,
     err: &mut (dyn Write + Send),
-    timeout: Duration,
 ) -> Result<(), Failure> {
+    // Installed first, so a Ctrl-C at any point of the flow is ours to report.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Failure::other(format!("cannot watch for Ctrl-C: {e}")))?;
+    let cancelled = async move {
+        interrupt.recv().await;
+    };
+    run_until(args, socket, out, err, cancelled).await
+}
+
+/// [`run`], cancelled when `cancelled` completes instead of on SIGINT.
+pub async fn run_until(
+    args: LoginArgs,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+    err: &mut (dyn Write + Send),
+    cancelled: impl std::future::Future<Output = ()>,
+) -> Result<(), Failure> {
+    let timeout = Duration::from_secs(args.timeout);
     if !paths::is_valid_profile_name(&args.profile) {
         return Err(Failure {
             code: exit::USAGE,
@@ -161,13 +202,23 @@ pub async fn run(
         flow,
         register: args.register,
         timeout,
+        profile: Some(args.profile.clone()),
+        tasks: BACKGROUND.clone(),
         ..LoginOptions::new(args.issuer.clone())
     };
     let mut ui = TerminalUi {
         err,
         browser: !args.no_browser && !args.device,
     };
-    let outcome = login::login(&http, opts, &mut ui).await.map_err(failure)?;
+    let outcome = tokio::select! {
+        outcome = login::login(&http, opts, &mut ui) => outcome.map_err(failure)?,
+        () = cancelled => {
+            return Err(Failure {
+                code: exit::CANCELLED,
+                message: "login cancelled (Ctrl-C); nothing was stored".into(),
+            })
+        }
+    };
 
     let status = broker
         .import(ImportRequest {

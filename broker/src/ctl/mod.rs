@@ -47,6 +47,8 @@ pub mod exit {
     /// `logout` deleted the profile locally, but its refresh token was not
     /// revoked at the IdP (no revocation endpoint known, or the call failed).
     pub const NOT_REVOKED: u8 = 9;
+    /// The user cancelled (Ctrl-C during `login`): 128 + SIGINT, as shells report it.
+    pub const CANCELLED: u8 = 130;
 }
 
 /// The exit code for a client error.
@@ -251,14 +253,18 @@ pub fn main() -> ExitCode {
     };
     let mut stdout = std::io::stdout();
     let mut stdin = std::io::stdin();
-    match rt.block_on(run(cli, &mut stdin, &mut stdout)) {
+    let code = match rt.block_on(run(cli, &mut stdin, &mut stdout)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             let _ = stdout.flush();
             eprintln!("broker-ctl: {}", render::escape_controls(&f.message));
             ExitCode::from(f.code)
         }
-    }
+    };
+    // After the outcome is printed: let a login's browser page and token
+    // revocations finish (bounded).
+    rt.block_on(login::finish_background());
+    code
 }
 
 fn now() -> u64 {
@@ -416,10 +422,7 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
             connect(socket).await?.lock().await?;
             writeln!(out, "locked")?;
         }
-        Command::Login(args) => {
-            let timeout = crate::login::DEFAULT_TIMEOUT;
-            login::run(args, socket, out, &mut std::io::stderr(), timeout).await?;
-        }
+        Command::Login(args) => login::run(args, socket, out, &mut std::io::stderr()).await?,
         Command::Doctor => doctor::run(socket, out).await?,
     }
     Ok(())

@@ -36,6 +36,9 @@ pub struct Metadata {
     pub scopes_supported: Option<Vec<String>>,
     pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
     pub revocation_endpoint_auth_methods_supported: Option<Vec<String>>,
+    /// RFC 9207 §3: authorization responses carry `iss`; a login then refuses
+    /// a callback without it.
+    pub authorization_response_iss_parameter_supported: Option<bool>,
 }
 
 /// The two well-known documents: OIDC first, RFC 8414 second.
@@ -162,6 +165,9 @@ impl Metadata {
             revocation_endpoint_auth_methods_supported: self
                 .revocation_endpoint_auth_methods_supported
                 .or(other.revocation_endpoint_auth_methods_supported),
+            authorization_response_iss_parameter_supported: self
+                .authorization_response_iss_parameter_supported
+                .or(other.authorization_response_iss_parameter_supported),
         }
     }
 

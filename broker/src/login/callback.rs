@@ -5,18 +5,24 @@
 //! ignored. A callback with a wrong or missing `state` is answered 400 and
 //! ignored (it cannot be our browser's, and must not let another local process
 //! cancel the login). The first callback with the right `state` decides: a
-//! `code` succeeds, an `error` fails the login. The listener and every open connection live inside the
+//! `code` succeeds, an `error` fails the login. When the provider advertises
+//! `authorization_response_iss_parameter_supported`, the callback must carry
+//! `iss` equal to the discovered issuer (RFC 9207 §2.4), checked before any
+//! code is redeemed. The listener and every open connection live inside the
 //! [`CallbackListener::wait`] future and its owner, so dropping either closes
-//! the port.
+//! the port; the callback that carries the code is held open ([`BrowserReply`])
+//! so the browser learns the outcome of the exchange.
 
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use kontext_broker_protocol::Secret;
 use openidconnect::CsrfToken;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
 
+use super::page::{BrowserReply, Page};
 use super::{sanitize, LoginError};
 
 /// Path of the redirect URI.
@@ -35,12 +41,22 @@ pub struct CallbackListener {
     port: u16,
 }
 
+/// The `iss` a callback must carry (RFC 9207).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpectedIssuer<'a> {
+    /// The issuer exactly as discovered; compared byte for byte.
+    pub issuer: &'a str,
+    /// The provider advertises `authorization_response_iss_parameter_supported`:
+    /// a callback without `iss` is refused.
+    pub required: bool,
+}
+
 /// What one connection turned out to be.
 enum Request {
     /// Not the callback (wrong path or method, garbage, timeout).
     Other,
-    /// The callback, with its decoded query parameters.
-    Callback(Vec<(String, String)>),
+    /// The callback, with its decoded query parameters and the connection to answer on.
+    Callback(Vec<(String, String)>, TcpStream),
 }
 
 impl CallbackListener {
@@ -56,15 +72,20 @@ impl CallbackListener {
         format!("http://127.0.0.1:{}{CALLBACK_PATH}", self.port)
     }
 
-    /// Waits for the callback and returns its authorization code.
+    /// Waits for the callback and returns its authorization code, with the
+    /// browser's request held until the caller knows the outcome.
     ///
     /// A callback with a missing or wrong `state` is answered 400 and ignored: it
     /// cannot be our browser's (state is unguessable), and letting it end the
-    /// login would let any local process cancel it. Fails on an
-    /// `iss` other than `issuer` (RFC 9207), an `error` parameter
-    /// ([`LoginError::Denied`]) or a missing `code`. Either way the browser gets
-    /// a short page saying what happened.
-    pub async fn wait(&self, state: &CsrfToken, issuer: &str) -> Result<Secret, LoginError> {
+    /// login would let any local process cancel it. Fails on a missing or wrong
+    /// `iss` (RFC 9207), an `error` parameter ([`LoginError::Denied`]) or a
+    /// missing `code`; the browser then gets the reason at once.
+    pub async fn wait(
+        &self,
+        state: &CsrfToken,
+        issuer: ExpectedIssuer<'_>,
+        tasks: &TaskTracker,
+    ) -> Result<(Secret, BrowserReply), LoginError> {
         let mut connections = FuturesUnordered::new();
         loop {
             tokio::select! {
@@ -79,17 +100,21 @@ impl CallbackListener {
                     }
                     connections.push(serve(stream));
                 }
-                Some((request, stream)) = connections.next(), if !connections.is_empty() => {
-                    let Request::Callback(params) = request else { continue };
-                    let outcome = evaluate(&params, state, issuer);
-                    respond_to_callback(stream, &outcome).await;
-                    if matches!(outcome, Err(LoginError::StateMismatch)) {
-                        // Not our browser's answer: any local process can reach this
-                        // port, so a forged callback must not be able to end the
-                        // login. Refuse it and keep waiting for the real one.
-                        continue;
+                Some(request) = connections.next(), if !connections.is_empty() => {
+                    let Request::Callback(params, stream) = request else { continue };
+                    match evaluate(&params, state, issuer) {
+                        Ok(code) => return Ok((code, BrowserReply::hold(stream, tasks))),
+                        Err(LoginError::StateMismatch) => {
+                            // Not our browser's answer: any local process can reach this
+                            // port, so a forged callback must not be able to end the
+                            // login. Refuse it and keep waiting for the real one.
+                            Page::not_this_login().send(stream).await;
+                        }
+                        Err(e) => {
+                            Page::failure(&e.to_string()).send(stream).await;
+                            return Err(e);
+                        }
                     }
-                    return outcome;
                 }
             }
         }
@@ -98,22 +123,22 @@ impl CallbackListener {
 
 /// Reads one request head; answers 404 to anything but `GET /callback`, and
 /// hands the stream back for the callback so the answer can say how it went.
-async fn serve(mut stream: TcpStream) -> (Request, Option<TcpStream>) {
+async fn serve(mut stream: TcpStream) -> Request {
     let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
         Ok(Some(head)) => head,
-        _ => return (Request::Other, None),
+        _ => return Request::Other,
     };
     let mut parts = head.expose().lines().next().unwrap_or("").split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if method != "GET" || path != CALLBACK_PATH {
-        write_page(&mut stream, "404 Not Found", "Not found.").await;
-        return (Request::Other, None);
+        Page::not_found().send(stream).await;
+        return Request::Other;
     }
     let params = url::form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    (Request::Callback(params), Some(stream))
+    Request::Callback(params, stream)
 }
 
 /// Reads up to the blank line ending the head; `None` on EOF or oversize.
@@ -150,16 +175,18 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 fn evaluate(
     params: &[(String, String)],
     state: &CsrfToken,
-    issuer: &str,
+    expected: ExpectedIssuer<'_>,
 ) -> Result<Secret, LoginError> {
     let got = param(params, "state").unwrap_or("");
     if !constant_time_eq(got.as_bytes(), state.secret().as_bytes()) {
         return Err(LoginError::StateMismatch);
     }
-    if let Some(iss) = param(params, "iss") {
-        if iss.trim_end_matches('/') != issuer.trim_end_matches('/') {
-            return Err(LoginError::IssuerMismatch(sanitize(iss)));
-        }
+    // RFC 9207 §2.4: exact comparison; absent is fine only when not promised.
+    match param(params, "iss") {
+        Some(iss) if iss == expected.issuer => {}
+        Some(iss) => return Err(LoginError::IssuerMismatch(sanitize(iss))),
+        None if expected.required => return Err(LoginError::IssuerMissing),
+        None => {}
     }
     if let Some(error) = param(params, "error") {
         return Err(LoginError::Denied {
@@ -179,44 +206,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn respond_to_callback(stream: Option<TcpStream>, outcome: &Result<Secret, LoginError>) {
-    let Some(mut stream) = stream else { return };
-    match outcome {
-        Ok(_) => {
-            write_page(
-                &mut stream,
-                "200 OK",
-                "Login received. You can close this tab and return to the terminal.",
-            )
-            .await
-        }
-        Err(_) => {
-            write_page(
-                &mut stream,
-                "400 Bad Request",
-                "Login failed. See the terminal for details; you can close this tab.",
-            )
-            .await
-        }
-    }
-}
-
-/// A tiny, self-contained HTML answer; the connection closes afterwards.
-async fn write_page(stream: &mut TcpStream, status: &str, text: &str) {
-    let body = format!(
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>kontext login</title></head>\
-         <body><p>{text}</p></body></html>"
-    );
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nReferrer-Policy: no-referrer\r\n\
-         Content-Security-Policy: default-src 'none'\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,7 +220,10 @@ mod tests {
     #[test]
     fn state_is_checked_before_anything_else() {
         let state = CsrfToken::new("s1".into());
-        let iss = "http://127.0.0.1:1";
+        let iss = ExpectedIssuer {
+            issuer: "http://127.0.0.1:1",
+            required: false,
+        };
         assert_eq!(
             evaluate(&params(&[("state", "s1"), ("code", "c")]), &state, iss)
                 .unwrap()
@@ -270,5 +262,37 @@ mod tests {
             Err(LoginError::IssuerMismatch(_))
         ));
         assert!(evaluate(&params(&[("state", "s1")]), &state, iss).is_err());
+    }
+
+    #[test]
+    fn rfc9207_iss_is_compared_exactly_and_required_when_advertised() {
+        let state = CsrfToken::new("s1".into());
+        let optional = ExpectedIssuer {
+            issuer: "https://idp.example",
+            required: false,
+        };
+        let required = ExpectedIssuer {
+            required: true,
+            ..optional
+        };
+        let with = |iss: &str| params(&[("state", "s1"), ("code", "c"), ("iss", iss)]);
+        let without = params(&[("state", "s1"), ("code", "c")]);
+        assert!(evaluate(&with("https://idp.example"), &state, required).is_ok());
+        assert!(evaluate(&without, &state, optional).is_ok());
+        assert!(matches!(
+            evaluate(&without, &state, required),
+            Err(LoginError::IssuerMissing)
+        ));
+        // No normalisation: a trailing slash is another issuer.
+        for wrong in [
+            "https://idp.example/",
+            "https://IDP.example",
+            "https://evil.example",
+        ] {
+            assert!(matches!(
+                evaluate(&with(wrong), &state, optional),
+                Err(LoginError::IssuerMismatch(_))
+            ));
+        }
     }
 }

@@ -8,27 +8,31 @@
 use std::future::Future;
 use std::time::Duration;
 
-use openidconnect::core::{CoreDeviceAuthorizationResponse, CoreTokenResponse};
+use openidconnect::core::CoreDeviceAuthorizationResponse;
 use openidconnect::{
-    DeviceAuthorizationUrl, DeviceCodeErrorResponse, DeviceCodeErrorResponseType,
-    RequestTokenError, Scope,
+    DeviceAuthorizationUrl, DeviceCodeErrorResponse, DeviceCodeErrorResponseType, EndpointNotSet,
+    EndpointState, RequestTokenError, Scope,
 };
 
-use super::{request_failure, sanitize, token_error, LoginError, LoginUi, TokenClient};
+use super::token::{LoginClient, RawTokenResponse};
+use super::{request_failure, sanitize, token_error, LoginContext, LoginError, LoginUi};
 use crate::idp::Http;
-use crate::store::Endpoints;
 
 /// Runs the device flow: asks for a code, shows it, and polls until the user
-/// approves, refuses, or time runs out.
+/// approves, refuses, or time runs out. The response is checked by the caller
+/// ([`LoginContext::accept`], without a nonce: this flow sends none).
 pub(super) async fn device_flow(
-    http: &Http,
-    client: TokenClient,
-    endpoints: &Endpoints,
-    scopes: &[String],
-    timeout: Duration,
+    ctx: &LoginContext<'_>,
+    client: LoginClient,
     ui: &mut dyn LoginUi,
-) -> Result<CoreTokenResponse, LoginError> {
-    let url = endpoints.device_authorization.clone().unwrap_or_default();
+) -> Result<RawTokenResponse, LoginError> {
+    let (http, scopes, timeout) = (ctx.http, &ctx.scopes, ctx.opts.timeout);
+    let url = ctx
+        .discovered
+        .endpoints
+        .device_authorization
+        .clone()
+        .unwrap_or_default();
     let url = DeviceAuthorizationUrl::new(url)
         .map_err(|e| LoginError::Unsupported(format!("device authorization endpoint URL: {e}")))?;
     let client = client.set_device_authorization_url(url);
@@ -66,19 +70,12 @@ pub(super) async fn device_flow(
 /// record the intervals without waiting them out).
 async fn poll<C, S, F>(
     http: &Http,
-    client: &openidconnect::core::CoreClient<
-        openidconnect::EndpointNotSet,
-        C,
-        openidconnect::EndpointNotSet,
-        openidconnect::EndpointNotSet,
-        openidconnect::EndpointSet,
-        openidconnect::EndpointNotSet,
-    >,
+    client: &LoginClient<EndpointNotSet, C>,
     details: &CoreDeviceAuthorizationResponse,
     sleep: S,
-) -> Result<CoreTokenResponse, LoginError>
+) -> Result<RawTokenResponse, LoginError>
 where
-    C: openidconnect::EndpointState,
+    C: EndpointState,
     S: Fn(Duration) -> F,
     F: Future<Output = ()>,
 {
@@ -134,7 +131,6 @@ fn device_error<RE: std::error::Error + 'static>(
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use openidconnect::core::CoreClient;
     use openidconnect::{ClientId, IssuerUrl, OAuth2TokenResponse, TokenUrl};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -192,10 +188,10 @@ mod tests {
     async fn run(
         answers: Vec<(u16, &'static str)>,
         interval: u64,
-    ) -> (Result<CoreTokenResponse, LoginError>, Vec<u64>) {
+    ) -> (Result<RawTokenResponse, LoginError>, Vec<u64>) {
         let token_url = fake_token_endpoint(answers).await;
         let http = Http::new(Duration::from_secs(5), Duration::from_secs(15), &[]).unwrap();
-        let client = CoreClient::new(
+        let client = super::super::token::BareClient::new(
             ClientId::new("c".into()),
             IssuerUrl::new("http://127.0.0.1:1".into()).unwrap(),
             Default::default(),

@@ -1,4 +1,4 @@
-//! Logging in (SPEC §6): run an OAuth flow against the IdP and hand back a
+//! Logging in (docs/contract.md §6): run an OAuth flow against the IdP and hand back a
 //! token endpoint response ready for the broker's `Import`.
 //!
 //! Two flows, both through `openidconnect`:
@@ -16,30 +16,49 @@
 //! The flow runs in the caller's process (the CLI), never in the broker: the
 //! broker only ever sees the finished token response. Nothing here logs or
 //! formats a token; errors carry IdP error codes and descriptions only.
+//!
+//! Every token response, in both flows, passes `LoginContext::accept`: the ID
+//! token checks of `verify` (docs/security.md, "Logging in") and a refresh
+//! token. A refused response stores nothing and its tokens are revoked in the
+//! background (`discard`).
 
 mod browser;
 mod callback;
 mod device;
+mod discard;
+mod id_token_error;
+mod jwks;
+mod page;
 mod register;
+mod token;
 mod verify;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kontext_broker_protocol::{EndpointOverrides, Secret};
-use openidconnect::core::{
-    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreErrorResponseType, CoreTokenResponse,
-};
+use openidconnect::core::{CoreAuthPrompt, CoreAuthenticationFlow, CoreErrorResponseType};
 use openidconnect::{
     AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce,
     OAuth2TokenResponse, PkceCodeChallenge, RedirectUrl, RequestTokenError, Scope,
     StandardErrorResponse, TokenUrl,
 };
+use tokio_util::task::TaskTracker;
 
+use crate::clock::SystemClock;
 use crate::idp::{discover_metadata, Http};
 use crate::store::Endpoints;
 
+pub use discard::REVOKE_TIMEOUT;
+pub use id_token_error::{IdTokenError, KeyRefresh};
+pub use jwks::{JwksCache, Keys, Refresh, MIN_REFRESH_INTERVAL};
+pub use page::{CONTENT_SECURITY_POLICY, HOLD_LIMIT};
 pub use register::{register_client, RegisteredClient, DEVICE_CODE_GRANT, REGISTERED_REDIRECT_URI};
-pub use verify::{fetch_jwks, verify_id_token, IdTokenCheck};
+pub use token::RawTokenResponse;
+pub use verify::{verify_id_token, verify_id_token_with_keys, IdTokenCheck, Identity};
+
+use page::Page;
+use token::{BareClient, LoginClient};
 
 /// Scope that asks for a refresh token; requested unless the server lists
 /// scopes without it.
@@ -83,6 +102,12 @@ pub struct LoginOptions {
     pub register: bool,
     /// How long to wait for the user (browser callback or device approval).
     pub timeout: Duration,
+    /// Name of the profile being logged in, shown on the browser's result page.
+    pub profile: Option<String>,
+    /// Where the login leaves work that outlives it: the browser's answer page
+    /// and the revocation of refused tokens. A process that exits after the
+    /// login should `close()` it and `wait()` (bounded) before it exits.
+    pub tasks: TaskTracker,
 }
 
 impl LoginOptions {
@@ -99,6 +124,8 @@ impl LoginOptions {
             flow: Flow::CodePkce { open_browser: true },
             register: false,
             timeout: DEFAULT_TIMEOUT,
+            profile: None,
+            tasks: TaskTracker::new(),
         }
     }
 }
@@ -114,8 +141,11 @@ pub struct LoginOutcome {
     pub scopes: Vec<String>,
     /// The token endpoint's answer as RFC 6749 §5.1 JSON; always has a `refresh_token`.
     pub token_response: Secret,
-    /// Email (else `sub`) from the validated ID token, for display.
+    /// The account from the validated ID token (`email`, else
+    /// `preferred_username`, else `sub`), for display.
     pub subject: Option<String>,
+    /// The issuer exactly as its discovery document names it.
+    pub issuer: String,
 }
 
 /// How a login talks to the user. Implementations print; tests capture.
@@ -161,9 +191,14 @@ pub enum LoginError {
     StateMismatch,
     /// The callback named a different issuer (RFC 9207 mix-up defence).
     #[error(
-        "the login callback came from issuer `{0}`, not the one asked; no tokens were requested"
+        "the login callback came from issuer `{0}`, not the one asked (RFC 9207 `iss`); no tokens were requested; check the issuer URL, or report the problem to the provider"
     )]
     IssuerMismatch(String),
+    /// The provider promises an `iss` on the callback (RFC 9207) and sent none.
+    #[error(
+        "the login callback carried no `iss` although the provider promises one (RFC 9207); no tokens were requested; report the problem to the provider"
+    )]
+    IssuerMissing,
     /// The user or the IdP refused the authorization.
     #[error("the identity provider refused the login: {error}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
     Denied {
@@ -193,8 +228,8 @@ pub enum LoginError {
     #[error("identity provider unavailable: {0}")]
     IdpUnavailable(String),
     /// The ID token failed validation; its tokens were discarded.
-    #[error("the ID token is invalid ({0}); the tokens were discarded")]
-    IdToken(String),
+    #[error(transparent)]
+    IdToken(#[from] IdTokenError),
     /// The IdP issued no refresh token, so the broker could not renew access.
     #[error("the identity provider issued no refresh token; allow the refresh_token grant and offline_access for this client")]
     NoRefreshToken,
@@ -214,8 +249,9 @@ impl LoginError {
 pub(crate) use crate::idp::sanitize::text as sanitize;
 
 /// Runs a login to completion: discovery, optional registration, the flow,
-/// and ID token validation. Dropping the future cancels it and closes the
-/// loopback listener.
+/// and the checks of the token response. Dropping the future cancels it and
+/// closes the loopback listener. On a refusal nothing is returned to store,
+/// and the response's tokens are revoked in the background (see [`REVOKE_TIMEOUT`]).
 pub async fn login(
     http: &Http,
     opts: LoginOptions,
@@ -230,9 +266,16 @@ pub async fn login(
     let metadata = discover_metadata(http, &opts.issuer)
         .await
         .map_err(LoginError::Discovery)?;
-    let endpoints = metadata
-        .endpoints(&opts.issuer, &opts.endpoints)
-        .map_err(LoginError::Discovery)?;
+    let discovered = Discovered {
+        endpoints: metadata
+            .endpoints(&opts.issuer, &opts.endpoints)
+            .map_err(LoginError::Discovery)?,
+        // Exactly as the document spells it: only the typed URL was normalised.
+        issuer: metadata.issuer.clone(),
+        iss_parameter_supported: metadata.authorization_response_iss_parameter_supported
+            == Some(true),
+    };
+    let endpoints = &discovered.endpoints;
     let scopes = requested_scopes(
         &opts.scopes,
         endpoints.jwks_uri.is_some(),
@@ -255,12 +298,21 @@ pub async fn login(
         }
         _ => {}
     }
-    if wants_id_token && endpoints.jwks_uri.is_none() {
-        return Err(LoginError::Unsupported(format!(
+    let keys = match (&endpoints.jwks_uri, wants_id_token) {
+        (Some(uri), true) => {
+            let keys = JwksCache::new(http.clone(), uri, Arc::new(SystemClock))?;
+            // Fetched now, so a broken JWKS fails before the user does anything.
+            keys.current().await?;
+            Some(keys)
+        }
+        (None, true) => {
+            return Err(LoginError::Unsupported(format!(
             "issuer {} publishes no jwks_uri, so an ID token cannot be validated; drop the `openid` scope",
             opts.issuer
-        )));
-    }
+        )))
+        }
+        (_, false) => None,
+    };
 
     let (client_id, client_secret) = if opts.register {
         let endpoint = endpoints.registration.as_deref().ok_or_else(|| {
@@ -277,15 +329,12 @@ pub async fn login(
         (id, opts.client_secret.clone())
     };
 
-    let jwks = match (&endpoints.jwks_uri, wants_id_token) {
-        (Some(uri), true) => fetch_jwks(http, uri).await?,
-        _ => Default::default(),
-    };
-    let issuer = IssuerUrl::new(opts.issuer.clone())
+    let issuer = IssuerUrl::new(discovered.issuer.clone())
         .map_err(|e| LoginError::Usage(format!("issuer URL: {e}")))?;
     let token_url = TokenUrl::new(endpoints.token.clone())
         .map_err(|e| LoginError::Unsupported(format!("token endpoint URL: {e}")))?;
-    let mut client = CoreClient::new(ClientId::new(client_id.clone()), issuer, jwks.clone())
+    // The client's own key set stays empty: ID tokens are checked by `verify`.
+    let mut client = BareClient::new(ClientId::new(client_id.clone()), issuer, Default::default())
         .set_token_uri(token_url)
         // The scope list is ours to decide (see `requested_scopes`).
         .disable_openid_scope();
@@ -293,62 +342,129 @@ pub async fn login(
         client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
     }
 
-    let (response, nonce) = match opts.flow {
-        Flow::CodePkce { open_browser } => {
-            let (response, nonce) = code_flow(
-                http,
-                client,
-                &endpoints,
-                &opts.issuer,
-                &scopes,
-                open_browser,
-                opts.timeout,
-                ui,
-            )
-            .await
-            .map_err(|e| name_scopes(e, &scopes))?;
-            (response, Some(nonce))
-        }
-        Flow::Device => {
-            let response = device::device_flow(http, client, &endpoints, &scopes, opts.timeout, ui)
-                .await
-                .map_err(|e| name_scopes(e, &scopes))?;
-            (response, None)
-        }
-    };
-
-    let subject = match response.extra_fields().id_token() {
-        // Not asked for, so no JWKS was fetched: it is not trusted for anything.
-        Some(_) if !wants_id_token => None,
-        Some(id_token) => {
-            let check = IdTokenCheck {
-                issuer: &opts.issuer,
-                client_id: &client_id,
-                client_secret: client_secret.as_ref(),
-                nonce: nonce.as_ref().map(|n| n.secret().as_str()),
-            };
-            verify_id_token(&id_token.to_string(), &jwks, &check)?
-        }
-        // OIDC Core §3.1.3.3: the code flow's token response must carry one.
-        None if wants_id_token && nonce.is_some() => {
-            return Err(LoginError::IdToken(
-                "the token response has no id_token although `openid` was requested".into(),
-            ))
-        }
-        None => None,
-    };
-    if response.refresh_token().is_none() {
-        return Err(LoginError::NoRefreshToken);
-    }
-    let json = serde_json::to_string(&response)
-        .map_err(|e| LoginError::Token(format!("cannot re-encode the token response: {e}")))?;
-    Ok(LoginOutcome {
+    let ctx = LoginContext {
+        http,
+        opts: &opts,
+        discovered: &discovered,
+        scopes,
         client_id,
         client_secret,
-        scopes,
-        token_response: Secret::new(json),
-        subject,
-    })
+        keys,
+    };
+    match opts.flow {
+        Flow::CodePkce { open_browser } => code_flow(&ctx, client, open_browser, ui)
+            .await
+            .map_err(|e| name_scopes(e, &ctx.scopes)),
+        Flow::Device => {
+            let response = device::device_flow(&ctx, client, ui)
+                .await
+                .map_err(|e| name_scopes(e, &ctx.scopes))?;
+            ctx.accept(response, None).await
+        }
+    }
+}
+
+/// What a login knows of the issuer after discovery.
+struct Discovered {
+    /// Discovered endpoints, with the caller's overrides applied.
+    endpoints: Endpoints,
+    /// The issuer exactly as the discovery document names it; the ID token's
+    /// `iss` and the redirect's RFC 9207 `iss` must equal it byte for byte.
+    issuer: String,
+    /// `authorization_response_iss_parameter_supported` (RFC 9207 §3).
+    iss_parameter_supported: bool,
+}
+
+/// Everything a flow needs once discovery and registration are done.
+struct LoginContext<'a> {
+    http: &'a Http,
+    opts: &'a LoginOptions,
+    discovered: &'a Discovered,
+    /// The scopes asked for (the profile's scopes).
+    scopes: Vec<String>,
+    client_id: String,
+    client_secret: Option<Secret>,
+    /// The issuer's keys, when an ID token is expected.
+    keys: Option<JwksCache>,
+}
+
+impl LoginContext<'_> {
+    /// The checks every token response passes, in both flows: the ID token
+    /// (nonce only when one was sent) and a refresh token. A refused response
+    /// has its tokens revoked in the background and nothing is returned.
+    async fn accept(
+        &self,
+        response: RawTokenResponse,
+        nonce: Option<&Nonce>,
+    ) -> Result<LoginOutcome, LoginError> {
+        let checked = self.check(&response, nonce).await;
+        let identity = match checked {
+            Ok(identity) => identity,
+            Err(e) => {
+                discard::Discarded {
+                    endpoint: self.discovered.endpoints.revocation.clone(),
+                    client_id: self.client_id.clone(),
+                    client_secret: self.client_secret.clone(),
+                    access_token: Secret::new(response.access_token().secret().clone()),
+                    refresh_token: response
+                        .refresh_token()
+                        .map(|t| Secret::new(t.secret().clone())),
+                }
+                .revoke_in_background(self.http, &self.opts.tasks);
+                return Err(e);
+            }
+        };
+        let json = serde_json::to_string(&response)
+            .map_err(|e| LoginError::Token(format!("cannot re-encode the token response: {e}")))?;
+        Ok(LoginOutcome {
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            scopes: self.scopes.clone(),
+            token_response: Secret::new(json),
+            subject: identity.map(|i| i.account().to_owned()),
+            issuer: self.discovered.issuer.clone(),
+        })
+    }
+
+    async fn check(
+        &self,
+        response: &RawTokenResponse,
+        nonce: Option<&Nonce>,
+    ) -> Result<Option<Identity>, LoginError> {
+        let identity = match (response.raw_id_token(), &self.keys) {
+            // Not asked for, so not trusted for anything.
+            (Some(_), None) => None,
+            (Some(raw), Some(keys)) => {
+                let check = IdTokenCheck {
+                    issuer: &self.discovered.issuer,
+                    client_id: &self.client_id,
+                    client_secret: self.client_secret.as_ref(),
+                    nonce: nonce.map(|n| n.secret().as_str()),
+                    access_token: response.access_token().secret(),
+                };
+                Some(verify_id_token(raw, keys, &check).await?)
+            }
+            // OIDC Core §3.1.3.3: the code flow's token response must carry one.
+            (None, Some(_)) if nonce.is_some() => return Err(IdTokenError::Missing.into()),
+            (None, _) => None,
+        };
+        if response.refresh_token().is_none() {
+            return Err(LoginError::NoRefreshToken);
+        }
+        Ok(identity)
+    }
+
+    /// The browser's page for the outcome of the code flow.
+    fn page(&self, result: &Result<LoginOutcome, LoginError>) -> Page {
+        match result {
+            Ok(outcome) => Page::success(
+                outcome.subject.as_deref(),
+                &self.discovered.issuer,
+                self.opts.profile.as_deref(),
+            ),
+            Err(e) => Page::failure(&e.to_string()),
+        }
+    }
 }
 
 /// The scopes to ask for: the caller's (or a default), plus `offline_access`
@@ -389,27 +505,18 @@ fn name_scopes(e: LoginError, scopes: &[String]) -> LoginError {
     }
 }
 
-type TokenClient = CoreClient<
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointSet,
-    openidconnect::EndpointNotSet,
->;
-
-#[allow(clippy::too_many_arguments)]
 async fn code_flow(
-    http: &Http,
-    client: TokenClient,
-    endpoints: &Endpoints,
-    issuer: &str,
-    scopes: &[String],
+    ctx: &LoginContext<'_>,
+    client: LoginClient,
     open_browser: bool,
-    timeout: Duration,
     ui: &mut dyn LoginUi,
-) -> Result<(CoreTokenResponse, Nonce), LoginError> {
-    let auth_url = endpoints.authorization.clone().unwrap_or_default();
+) -> Result<LoginOutcome, LoginError> {
+    let auth_url = ctx
+        .discovered
+        .endpoints
+        .authorization
+        .clone()
+        .unwrap_or_default();
     let auth_url = AuthUrl::new(auth_url)
         .map_err(|e| LoginError::Unsupported(format!("authorization endpoint URL: {e}")))?;
     // Bound before the URL exists, so the port in the URL is ours. Dropped on
@@ -427,7 +534,7 @@ async fn code_flow(
             CsrfToken::new_random,
             Nonce::new_random,
         )
-        .add_scopes(scopes.iter().cloned().map(Scope::new))
+        .add_scopes(ctx.scopes.iter().cloned().map(Scope::new))
         .set_pkce_challenge(challenge)
         .add_prompt(CoreAuthPrompt::Consent)
         .url();
@@ -439,20 +546,32 @@ async fn code_flow(
             ));
         }
     }
-    let code = tokio::time::timeout(timeout, listener.wait(&state, issuer))
-        .await
-        .map_err(|_| LoginError::TimedOut {
-            after: timeout,
-            what: "no redirect reached the loopback listener",
-        })??;
+    let expected = callback::ExpectedIssuer {
+        issuer: &ctx.discovered.issuer,
+        required: ctx.discovered.iss_parameter_supported,
+    };
+    let timeout = ctx.opts.timeout;
+    let (code, reply) =
+        tokio::time::timeout(timeout, listener.wait(&state, expected, &ctx.opts.tasks))
+            .await
+            .map_err(|_| LoginError::TimedOut {
+                after: timeout,
+                what: "no redirect reached the loopback listener",
+            })??;
     drop(listener);
-    let response = client
-        .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
-        .set_pkce_verifier(verifier)
-        .request_async(http)
-        .await
-        .map_err(token_error)?;
-    Ok((response, nonce))
+    // The browser waits (at most `HOLD_LIMIT`) for the outcome of this part.
+    let result = async {
+        let response = client
+            .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
+            .set_pkce_verifier(verifier)
+            .request_async(ctx.http)
+            .await
+            .map_err(token_error)?;
+        ctx.accept(response, Some(&nonce)).await
+    }
+    .await;
+    reply.finish(ctx.page(&result));
+    result
 }
 
 /// Describes a failed token-endpoint call without echoing any body.

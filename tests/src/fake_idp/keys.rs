@@ -1,0 +1,96 @@
+//! Signing keys of the fake IdP: RSA test keys generated once with
+//! `openssl genrsa -traditional 2048`. TEST FIXTURE ONLY: these keys are public,
+//! protect nothing, and must never sign anything outside the tests.
+
+/// Test RSA key `k1` (PKCS#1 PEM).
+pub(super) const RSA_K1: &str = "\
+-----BEGIN RSA PRIVATE KEY-----\n\
+MIIEogIBAAKCAQEAj6aleGx0MsiI69F6R0bgUgk79m/VCVh3JAa1PgFBaS/B1w0m\n\
+GYms80gKl19FVFHvA9hFoT+Uj7L4+wDr88Vm1VuuI94VRSow9tErculU1gEHgmf9\n\
+xJ/PNS1T5PlVPs/pTlDLiMy/tPPpFv/gxO50avW0qEZ+dfExx5sq6PWdV5Ynd3Bg\n\
+xceH7UwJcIgNWKWixPnZtOgbj/cRbbscMzj93457TwsHyesjvC1wkzq+ia3mdGku\n\
+JG6Men2pKg1bmDTRrrQgjcGzGkyzr6aGlsdOlX8s0pClzHdwzArfxkVb2QVjiJxD\n\
+9dtQNl3P0c8hfIij6hOZY/+rb2lX/iAwJb4nwwIDAQABAoIBABFtzzLKudh1g0NV\n\
+YagnPc1GSIuwauEc5iutUq0outZ30GV2t3IuxZio23wdN4yw+jZ1tZEIZU6AEPxn\n\
+Url7cGwfmQPKDLudEF7J5yMkk0H50v7r/hqupxXVH5Iu/DxIPo7dd6xr5zCdzWCY\n\
+gB10rxRRJm+qSeqmbntA5NZqAoKfSzMjspwzZzDj4Z6KWc4qO0UEEPosF5bhF06b\n\
+JFKd6tBgUT4ZZCCYry25xXjelH6BjDKHA9Jdlb5pJXQX0+4FZpolKp22l/hvMcRg\n\
+T/WsuANtr4LKEr7dXQvQ366dJMI23UjPIDcHU1dii3Cwk+8sEX8RmyGhqTsC6Eab\n\
+Jcw+vbECgYEAxI/50+57RrittZ9JgV5sDv8je7XPNiWDAz9O53aTp6usUF8+zhda\n\
+L19c4sGEeg7XSPMnxugVSDtOPfSKp+bU5qvrpk+OTkAhw5FkqRWoP4SHCXseS5Pl\n\
+aq97y06V2B4CZ2SU0d+FdvchpLi1hNmtsI07rLpnnvOxFi7V0PKbm9ECgYEAuxbC\n\
+2D7SMK4SjT1v7E4PWvj39ouw/m6ygg/CJ0FABU2Fz+AVCyjn20kQhPohoHFOpgCE\n\
+JhOXtKPtcGq8ebbWU/MYbQO+X+jLjaF/lrUkm0FmiYvG+fF63MBGJE7V5TS82Qa7\n\
+/tbxFPZZS2X7R65dbqpyV5tzakMl/C/tRDlAM1MCgYAsGRz0Zgl0KVSXbaABDRzz\n\
+FFxykaxmOm41GUvrc9fWgxZKhcPCWszZ2ewt1zqQY6n67Mpcvo6fwOZh0e4Vkxzq\n\
+j2Fz019awNqSVJkfsgMoFORyxRNb41dR4wLD7uKBNOJXLeKRXzNDKFh86w+WOXvV\n\
+IypjKwK6T3PIRUOk9/jfMQKBgBSES3vRb9V80XYBvctpSA/O68pyyUctto/C0KTj\n\
+Z/Ts6nbAeS5PHxYSLiiXEab5pglYVyWh0mox6/D/E4o5fcmZCB20YmU8L05p3ocV\n\
+eF06T9dXp8tzKukYgNiseJJ5NRiLv4QT6D5HQcWd+m+C9KYVNRLcbkzB7mF4lAl+\n\
+SccXAoGAa76fEWWajZfzoi95RRes6oxAL+h7pFQOrK2BtYdNdq45Rmb+FBpx3vmq\n\
+Vd7r8/rcAEaDcM8c+3T18HBhQF/GWfjA6oOIskWQzK2qrDCBQZ+tC13392t1+Gv9\n\
+do00fJBXUHHWo4FGrViyH975SrG9bK1JPSH+oZ0t46R4boaRi1c=\n\
+-----END RSA PRIVATE KEY-----\n\
+";
+
+/// Test RSA key `k2` (PKCS#1 PEM).
+pub(super) const RSA_K2: &str = "\
+-----BEGIN RSA PRIVATE KEY-----\n\
+MIIEpAIBAAKCAQEA+Nb2Jlt/rGAzjU+tMdD1A7QDwXx0JbTy0zIKP85DCjW6toUF\n\
+Q8BuoUL0Uac76ncZ6DOsgLpEYTPv+P9L+Te3NQ3sNUApngbx7mW2nC920O0xcA24\n\
+ryllSTVQAg+dyuR3Y++qcSXhLPowbThHCBbs3fZHFteUPT3uwNimdedT/wIRQK4/\n\
+teKiSKx+WbhmfslyunwoYEGmCPP1QHoIJwXTvphL8eUJLO/r8pZDu41bQwjZVZ6l\n\
+JKPaiN7whLJB+jp3Hpj5MQQCVERXCea6D12C7N/GeOhaC3W3EAq6zPtZO88U8D1R\n\
+oCrIHKbYJar7B58cP0qRP2j3/AHed33/2ZuUYwIDAQABAoIBACv1/gKEw6d2T2U1\n\
+oEleuwpucQNrszE+KG/7NShUji9tkpDQKz/u7Rx8MaGDQ+iGJgOJrX4IajAp9sks\n\
+gQWEPE+ZKBO4RCHw5CjTu1EYaYs7fDJpmikHzScDziCvFZdUiWsUWi4nHQLPKGMD\n\
+QDlDo5ELA0Ab0cqH+HgFTlMiDQrNv4O2Fum23q5NN37YyJ0uHrUA8agRPyUnb1oj\n\
+o86ept/Iowf3sHRGhCzCGwMb/WQz1TD9HmfPPbwlS5gCnZCAfsHmX5LMym7VyM1n\n\
+f8xGmpd4WKuB5YBresLNXS40ccDuxYGZkpQbWhh4ukzbjraIFFWQ84itM7BvMMug\n\
+gXCvBcECgYEA/rWs4ajHi6Umyj4d+UAar+a5yqBfv8TiymHGXl4yJgYGMpgX/l75\n\
+mgMyCUv+2IDadW9/x0JxOVNDWjdsQRWZWBqt1mcHQrpmwsz1dYwUAJ0MEK/TTYaI\n\
+fLoOYaiuzfiqNKVDwiFpvejolXZfbgfQsEDb9zJG+w8q18KsPgiau1MCgYEA+hms\n\
+cp5hFTKgVF3AvBfW9g4vF9AA30UdlSTyxNes3PCy8BQXafh7au+9NSWB2i5GxRSL\n\
+7luYLEzvILs/mcmQd0X1+1yHwSg18TXQ6jeGvK7WwiBoYnq75PtIuDprDtX+N3Ih\n\
+qm7smAZ8cP5/3+nEL/4jZn81b/+SDqXunD7tsLECgYEAqm1PRxKSqiqQIOSdU6iD\n\
+8syz5hOW3Y7UnMv9Wik27uA7B2FjNI3B/z5CHZxe4eidw9QeMGqRreS7fUL2STo1\n\
+h5EaXgpD/m8Q0Sko2EUpIRvz9bpf7VCmRKaNduTSSfknkeA+zUdkJHESJue0hL/v\n\
+7+8F/4oBmn0UkpesfjltpwcCgYEA8oOEqZwULZbqywQiCQHg6rV0StXikp2VgvLS\n\
+CbfNImywRoZk8dgF7PrNcMSO9r7a1u4GhjoBBCwR0J5hnMFMOav4SyY9aTqRm/UA\n\
+QK1ZFItBKfp83cl/exmDOUlEWJ1+pcshBAANoZjggDz4SGqIV7VKJHCDo7ehrFyQ\n\
+VKfcmfECgYACee8zFiMrHpxf0oHBeQpL0yp6awcWrEFOZjAwzO9H44MTLaOdza4h\n\
+yJAOvyhvthz2/YaC3APImh0CTnIUASW1/wMNCkOjn3zx2ejbZ4c+FsoDTTY7s66Y\n\
+ZTeUuCh/MSR+wyKFDt7cPv9199y30MnC8OIZfkMz5qZ5XcDe/DuG9w==\n\
+-----END RSA PRIVATE KEY-----\n\
+";
+
+/// Test RSA key `k3` (PKCS#1 PEM).
+pub(super) const RSA_K3: &str = "\
+-----BEGIN RSA PRIVATE KEY-----\n\
+MIIEowIBAAKCAQEApyBLi6vVtHp8wsnms8pYYkZ2lGdUOxwB3wjMOFFkdh9A0/69\n\
+gzjMGby23/MLiqI+GfKX6gKr0WjgXxIPOt+A90zwXK2IG+aIj6RNJRjLKARkUMOF\n\
+HFZ9etJ4mRYjAqwYNvA7GkOeB4F6QUZ6v/ZjaTBBT++qDZx3VUS8kHtK1kAmbLuo\n\
+9XZelq9OULaLZibqeAlyb7mLglrXu7Bi1OYAD0nww3hUbpmG2kUoJ/eiNMvs3qpm\n\
+skZhRf+ePvJ5GspKja62VZIxY3+oS5GsxPsl75IeKhPsvKQTfBx2Qr6Lzu55Fjg1\n\
+UDLSKSlhgg/WKKC3p2egwYJjrw82TDjOoq13BQIDAQABAoIBAAiEHUVfOrMJIM1e\n\
+M2rK70kGtSknwMOIUFIYpStjfl6Ehi2nR+nlXYUcOCdeP6LPVKHG2lXaz/2KPhCq\n\
+H2uNEwnG+mKGly5wx1mmciXnRwbhfmkdJW3FvHwjOHD4j00mDs/R2vkiI+3W+69S\n\
+05Nvjy4/frx/hmdOJ0iJiaBFIBGduxgg1WsI+zr8hJaofULfGf4wtDHv6ryxX7pa\n\
+VZsnTvTlNqWclfppT3nCGbKZopdkYza5sT7tISbZgFF8UdrP1o0d6Iky+Hc0AwqG\n\
+gRObsINlE8JmkQiaaJrObgncVm3lLZV9EwM+FloWtm4ZF1qSaFtpDNuj9RgEhf0h\n\
+TfYpYYsCgYEA3GU+cZHoF2L9nnyMICfyS/j+M0ZaqBDTkVfoDGwL8lS7Txp5V7PT\n\
+bG2MGQJu+6Qnh5sc21Fc8lMk/+GSCblyuh7T92hdSeWXRxyYQrZZmts4mCbEhHbz\n\
+d5vEf/vONot3t//J52l5EZdiInpDELrQ9FObzjPaFaSKcEd8qV5bavsCgYEAwiAG\n\
+eCMEbSZzloSgeowGLLaRVKdF7EAwu+OulWKcVdk1F2um0sw60u+IxJTHEvUkhYc/\n\
+0LTwU58hqvndIcD1VlRfRq4UAVnD3yFJjXbxQivM2An0V6moFXpitMAbRxos23vM\n\
+mAFlHUYmanjK28MmgdY8uCsW0/cAChRGKV7lBf8CgYA91lpS2zFXfnrSgPd//jVJ\n\
+g68vC8pb5Xy3BwcglSA0+fkkFLV/GgF0JrhsO/aPvFsq/SZ3kriVdSaodM3Y1KOP\n\
+/R5UCIBEP5rWZPuDnE4/2MpkRlxVHlrpcFcN4cTWIQOSKL6pozpI6USrj8pJY2FF\n\
+bEAG9x11fRkqr6QWkVbtCQKBgQCXd+WUV75cbGRETbfp5tfqi4laRCqK7IsaD81p\n\
+Qkg5tAF5BMZmNHSxobVVrcCnSh/1EFL6xjO/C6t5fPzOGYFUmwC8ZZe2dhQfRhne\n\
+B7C3sPVknF/LBtXf7F6YKk0ebY4Ss8Yv1ObQsKvI5/dhAiRJqqA2E2j8ev3M34Tf\n\
+QuvwgQKBgE9o5adUaAdl0wVQ3r+KPIskshAdPqUaQlfBl5UhoyOVNV2MYtHMflwo\n\
+nexVXdbhGUmujEQEK20Biix1sG/DkYEYd6CjBWF2jLRRPVUfQaCRSGm2sfM8gswY\n\
+3UEqdqlTCBt0wgJil0GUYPop12hZC94XSxlB015nwrRwpyruPTtX\n\
+-----END RSA PRIVATE KEY-----\n\
+";
