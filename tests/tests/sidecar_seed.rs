@@ -299,9 +299,16 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     assert!(stats.refresh_token_grants >= 8, "{stats:?}");
     assert_eq!(stats.refresh_token_grant_errors, 0);
     // Hydra mode deleted the previous access token on every rotation but the one
-    // after the test had deleted the current token itself.
-    assert_eq!(
-        stats.access_tokens_deleted_on_rotation + 1,
-        stats.refresh_token_grants
+    // after the test had deleted the current token itself. When a proactive refresh
+    // lands between the test reading the current token and deleting it, the test
+    // deletes an already superseded token and every rotation counts: so one of two.
+    let not_deleted = stats
+        .refresh_token_grants
+        .checked_sub(stats.access_tokens_deleted_on_rotation);
+    assert!(
+        matches!(not_deleted, Some(0 | 1)),
+        "{} grants but {} access tokens deleted on rotation",
+        stats.refresh_token_grants,
+        stats.access_tokens_deleted_on_rotation
     );
 }
