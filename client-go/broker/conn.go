@@ -429,3 +429,6 @@ func (w *Watcher) Close() {
 	w.conn.forget(w.id)
 	w.end(ErrDisconnected)
 }
+
+// sentCount is the number of request frames written so far.
+func (c *Conn) sentCount() uint64 { return atomic.LoadUint64(&c.sent) }
