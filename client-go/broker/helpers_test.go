@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 }
 
 // need fails the test under CI and skips it elsewhere.
-func need(t *testing.T, what string) {
+func need(t testing.TB, what string) {
 	t.Helper()
 	if os.Getenv("CI") != "" {
 		t.Fatalf("missing prerequisite under CI: %s", what)
@@ -40,7 +40,7 @@ func need(t *testing.T, what string) {
 }
 
 // brokerBinary is $KONTEXT_BROKER_BIN, else the workspace's debug build.
-func brokerBinary(t *testing.T) string {
+func brokerBinary(t testing.TB) string {
 	t.Helper()
 	bin := os.Getenv("KONTEXT_BROKER_BIN")
 	if bin == "" {
@@ -76,7 +76,7 @@ func (b *syncBuffer) String() string {
 
 // brokerProc is a real kontext-broker on a private socket and state dir.
 type brokerProc struct {
-	t        *testing.T
+	t        testing.TB
 	bin      string
 	socket   string
 	stateDir string
@@ -86,7 +86,7 @@ type brokerProc struct {
 	stderr   *syncBuffer
 }
 
-func startBroker(t *testing.T) *brokerProc {
+func startBroker(t testing.TB) *brokerProc {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "kbgo")
 	if err != nil {
@@ -166,7 +166,7 @@ func (b *brokerProc) restart() {
 
 func (b *brokerProc) opts() Options { return Options{Socket: b.socket, ClientName: "go-test"} }
 
-func (b *brokerProc) dial(t *testing.T) *Conn {
+func (b *brokerProc) dial(t testing.TB) *Conn {
 	t.Helper()
 	c, err := Dial(context.Background(), b.opts())
 	if err != nil {
@@ -188,7 +188,7 @@ type fakeIdP struct {
 	refreshes int
 }
 
-func newFakeIdP(t *testing.T, ttl int) *fakeIdP {
+func newFakeIdP(t testing.TB, ttl int) *fakeIdP {
 	f := &fakeIdP{ttl: ttl}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
@@ -249,7 +249,7 @@ func (f *fakeIdP) refreshCount() int {
 }
 
 // importProfile imports a fresh grant of idp as profile.
-func importProfile(t *testing.T, c *Conn, idp *fakeIdP, profile string) *ProfileStatus {
+func importProfile(t testing.TB, c *Conn, idp *fakeIdP, profile string) *ProfileStatus {
 	t.Helper()
 	st, err := c.Import(context.Background(), &wire.ImportRequest{
 		Profile:       profile,
@@ -266,7 +266,7 @@ func importProfile(t *testing.T, c *Conn, idp *fakeIdP, profile string) *Profile
 }
 
 // waitFor re-checks cond after every change of s, up to waitLimit.
-func waitFor(t *testing.T, s *TokenSource, what string, cond func() bool) {
+func waitFor(t testing.TB, s *TokenSource, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.NewTimer(waitLimit)
 	defer deadline.Stop()
