@@ -68,7 +68,7 @@ pub struct ResponseFrame {
 /// [`crate::DEFAULT_PROFILE`] when the user named none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// A token valid for at least `min_valid_secs` more seconds (capped; see SPEC §5).
+    /// A token valid for at least `min_valid_secs` more seconds (capped; see `WIRE.md` §6).
     GetToken {
         profile: String,
         min_valid_secs: u64,

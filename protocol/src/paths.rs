@@ -1,4 +1,4 @@
-//! Path resolution shared by the broker, `broker-ctl` and the client (SPEC §1).
+//! Path resolution shared by the broker, `broker-ctl` and the client (`WIRE.md` §1).
 //!
 //! Each path comes from an explicit flag, then an environment variable, then an
 //! XDG default. Relative XDG variables are ignored, as the XDG spec requires.

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod broker_process;
 pub mod dot;
 pub mod fake_idp;
+pub mod go_toolchain;
 pub mod html_form;
 pub mod matrix;
 pub mod oidc_provider;

@@ -44,24 +44,52 @@ fn resp(id: u64, result: Result<Response, BrokerError>) -> ServerMessage {
     ServerMessage::Response(ResponseFrame { id, result })
 }
 
-/// One sample of every message kind, with its pinned encoding in hex.
-/// A change here is a wire-format change: bump PROTOCOL_VERSION and update WIRE.md.
-fn client_golden() -> Vec<(ClientMessage, &'static str)> {
+/// One sample message, named after its file in `protocol/testdata/`.
+enum Sample {
+    Client(&'static str, ClientMessage),
+    Server(&'static str, ServerMessage),
+}
+
+/// One sample of every message kind (and of every v2 addition), each pinned by
+/// `protocol/testdata/<name>.hex`. The Go client's tests read the same files.
+/// A change to the bytes is a wire-format change: bump PROTOCOL_VERSION and
+/// update WIRE.md.
+fn samples() -> Vec<Sample> {
+    use Sample::{Client as C, Server as S};
     let p = || "p".to_string();
     vec![
-        (
+        C(
+            "hello",
             ClientMessage::Hello(Hello {
-                protocol_version: 1,
+                protocol_version: 2,
                 client_name: "c".into(),
                 client_version: "1".into(),
             }),
-            "0000000001000000010000000000000063010000000000000031"
         ),
-        (req(1, Request::GetToken { profile: p(), min_valid_secs: 60 }), "010000000100000000000000000000000100000000000000703c00000000000000"),
-        (req(2, Request::Invalidate { profile: p(), generation: 3 }), "010000000200000000000000010000000100000000000000700300000000000000"),
-        (req(3, Request::Watch { profile: p() }), "01000000030000000000000002000000010000000000000070"),
-        (req(4, Request::Status), "01000000040000000000000003000000"),
-        (
+        C(
+            "request_get_token",
+            req(
+                1,
+                Request::GetToken {
+                    profile: p(),
+                    min_valid_secs: 60,
+                },
+            ),
+        ),
+        C(
+            "request_invalidate",
+            req(
+                2,
+                Request::Invalidate {
+                    profile: p(),
+                    generation: 3,
+                },
+            ),
+        ),
+        C("request_watch", req(3, Request::Watch { profile: p() })),
+        C("request_status", req(4, Request::Status)),
+        C(
+            "request_import",
             req(
                 5,
                 Request::Import(ImportRequest {
@@ -79,15 +107,52 @@ fn client_golden() -> Vec<(ClientMessage, &'static str)> {
                     token_response: Secret::from("{}"),
                 }),
             ),
-            "01000000050000000000000004000000010000000000000070090000000000000068747470733a2f2f69010000000000000063010000000100000000000000730102000000010000000000000006000000000000006f70656e696400010100000000000000720002000000000000007b7d",
         ),
-        (req(6, Request::Logout { profile: p(), revoke: true }), "0100000006000000000000000500000001000000000000007001"),
-        (req(7, Request::Refresh { profile: p() }), "01000000070000000000000006000000010000000000000070"),
-        (req(8, Request::Unlock { passphrase: Secret::from("pw") }), "0100000008000000000000000700000002000000000000007077"),
-        (req(9, Request::Lock), "01000000090000000000000008000000"),
-        (req(10, Request::Shutdown), "010000000a0000000000000009000000"),
-        (req(11, Request::Ping), "010000000b000000000000000a000000"),
-        (
+        C(
+            "request_import_public",
+            req(
+                14,
+                Request::Import(ImportRequest {
+                    profile: p(),
+                    issuer: "https://i".into(),
+                    client_id: "c".into(),
+                    credential: ClientCredential::None,
+                    client_auth: Some(ClientAuthMethod::None),
+                    scopes: vec![],
+                    endpoints: EndpointOverrides {
+                        token: Some("t".into()),
+                        revocation: None,
+                        device_authorization: Some("d".into()),
+                    },
+                    token_response: Secret::from("{}"),
+                }),
+            ),
+        ),
+        C(
+            "request_logout",
+            req(
+                6,
+                Request::Logout {
+                    profile: p(),
+                    revoke: true,
+                },
+            ),
+        ),
+        C("request_refresh", req(7, Request::Refresh { profile: p() })),
+        C(
+            "request_unlock",
+            req(
+                8,
+                Request::Unlock {
+                    passphrase: Secret::from("pw"),
+                },
+            ),
+        ),
+        C("request_lock", req(9, Request::Lock)),
+        C("request_shutdown", req(10, Request::Shutdown)),
+        C("request_ping", req(11, Request::Ping)),
+        C(
+            "request_set_client",
             req(
                 12,
                 Request::SetClient(SetClientRequest {
@@ -96,26 +161,34 @@ fn client_golden() -> Vec<(ClientMessage, &'static str)> {
                     client_auth: None,
                 }),
             ),
-            "010000000c000000000000000b0000000100000000000000700200000001000000000000006b00",
         ),
-        (req(13, Request::StatusPage { after: p() }), "010000000d000000000000000c000000010000000000000070"),
-    ]
-}
-
-fn server_golden() -> Vec<(ServerMessage, &'static str)> {
-    let p = || "p".to_string();
-    vec![
-        (
+        C(
+            "request_set_client_basic",
+            req(
+                15,
+                Request::SetClient(SetClientRequest {
+                    profile: p(),
+                    credential: ClientCredential::Secret(Secret::from("s")),
+                    client_auth: Some(ClientAuthMethod::ClientSecretBasic),
+                }),
+            ),
+        ),
+        C(
+            "request_status_page",
+            req(13, Request::StatusPage { after: p() }),
+        ),
+        S(
+            "welcome",
             ServerMessage::Welcome(Welcome {
-                protocol_version: 1,
+                protocol_version: 2,
                 broker_version: "0".into(),
                 pid: 7,
             }),
-            "000000000100000001000000000000003007000000",
         ),
-        (resp(1, Ok(Response::Token(token()))), "010000000100000000000000000000000000000002000000000000006174060000000000000042656172657258f353650000000000f15365000000000300000000000000010000000000000006000000000000006f70656e6964"),
-        (resp(2, Ok(Response::Watching)), "0100000002000000000000000000000001000000"),
-        (
+        S("response_token", resp(1, Ok(Response::Token(token())))),
+        S("response_watching", resp(2, Ok(Response::Watching))),
+        S(
+            "response_status",
             resp(
                 3,
                 Ok(Response::Status(StatusReport {
@@ -134,33 +207,138 @@ fn server_golden() -> Vec<(ServerMessage, &'static str)> {
                     next_after: Some("p".into()),
                 })),
             ),
-            "010000000300000000000000000000000200000001000000000000003007000000050000000000000002000000000000002f7302000000000000002f64000100000000000000000000000000000002000000000000000100000000000000010000000000000070090000000000000068747470733a2f2f6901000000000000006301010000000000000073000000000109000000000000000100000000000000020000000000000000000000000000000001080000000000000000010100000001010000000000000070",
         ),
-        (resp(4, Ok(Response::Imported(profile_status()))), "0100000004000000000000000000000003000000010000000000000070090000000000000068747470733a2f2f69010000000000000063010100000000000000730000000001090000000000000001000000000000000200000000000000000000000000000000010800000000000000000101000000"),
-        (
-            resp(5, Ok(Response::LoggedOut { revoked: false, revoke_error: Some("x".into()) })),
-            "01000000050000000000000000000000040000000001010000000000000078",
+        S(
+            "response_status_last_page",
+            resp(
+                16,
+                Ok(Response::Status(StatusReport {
+                    broker: BrokerStatus {
+                        version: "0".into(),
+                        pid: 7,
+                        uptime_secs: 5,
+                        socket: "/s".into(),
+                        state_dir: "/d".into(),
+                        locked: true,
+                        connections: 1,
+                        rejected_peers: 3,
+                        handshake_timeouts: 0,
+                    },
+                    profiles: vec![
+                        ProfileStatus {
+                            state: ProfileState::ClientRejected,
+                            subject: None,
+                            lifetime_source: Some(LifetimeSource::Default),
+                            last_error: Some("e".into()),
+                            ..profile_status()
+                        },
+                        ProfileStatus {
+                            name: "q".into(),
+                            state: ProfileState::Error,
+                            lifetime_source: Some(LifetimeSource::ExpiresIn),
+                            ..profile_status()
+                        },
+                        ProfileStatus {
+                            name: "r".into(),
+                            state: ProfileState::Locked,
+                            access_token_expires_at: None,
+                            lifetime_source: None,
+                            ..profile_status()
+                        },
+                    ],
+                    next_after: None,
+                })),
+            ),
         ),
-        (resp(6, Ok(Response::Done)), "0100000006000000000000000000000005000000"),
-        (resp(7, Ok(Response::Pong)), "0100000007000000000000000000000006000000"),
-        (
-            resp(8, Err(BrokerError::ReauthRequired { profile: p(), message: "m".into() })),
-            "010000000800000000000000010000000000000001000000000000007001000000000000006d",
+        S(
+            "response_imported",
+            resp(4, Ok(Response::Imported(profile_status()))),
         ),
-        (resp(9, Err(BrokerError::UnknownProfile { profile: p() })), "0100000009000000000000000100000001000000010000000000000070"),
-        (
-            resp(10, Err(BrokerError::IdpUnavailable { retry_after_secs: 4, detail: "d".into() })),
-            "010000000a0000000000000001000000020000000400000000000000010000000000000064",
+        S(
+            "response_logged_out",
+            resp(
+                5,
+                Ok(Response::LoggedOut {
+                    revoked: false,
+                    revoke_error: Some("x".into()),
+                }),
+            ),
         ),
-        (resp(11, Err(BrokerError::Locked)), "010000000b000000000000000100000003000000"),
-        (resp(12, Err(BrokerError::bad_request("b"))), "010000000c000000000000000100000004000000010000000000000062"),
-        (
-            ServerMessage::Error(BrokerError::VersionMismatch { broker: 1, client: 2 }),
-            "03000000050000000100000002000000",
+        S("response_done", resp(6, Ok(Response::Done))),
+        S("response_pong", resp(7, Ok(Response::Pong))),
+        S(
+            "error_reauth_required",
+            resp(
+                8,
+                Err(BrokerError::ReauthRequired {
+                    profile: p(),
+                    message: "m".into(),
+                }),
+            ),
         ),
-        (resp(13, Err(BrokerError::internal("i"))), "010000000d000000000000000100000006000000010000000000000069"),
-        (ServerMessage::Event { id: 3, event: WatchEvent::Token { profile: p(), token: token() } }, "0200000003000000000000000000000001000000000000007002000000000000006174060000000000000042656172657258f353650000000000f15365000000000300000000000000010000000000000006000000000000006f70656e6964"),
-        (
+        S(
+            "error_unknown_profile",
+            resp(9, Err(BrokerError::UnknownProfile { profile: p() })),
+        ),
+        S(
+            "error_idp_unavailable",
+            resp(
+                10,
+                Err(BrokerError::IdpUnavailable {
+                    retry_after_secs: 4,
+                    detail: "d".into(),
+                }),
+            ),
+        ),
+        S("error_locked", resp(11, Err(BrokerError::Locked))),
+        S(
+            "error_bad_request",
+            resp(12, Err(BrokerError::bad_request("b"))),
+        ),
+        S("error_internal", resp(13, Err(BrokerError::internal("i")))),
+        S(
+            "error_client_rejected",
+            resp(
+                14,
+                Err(BrokerError::ClientRejected {
+                    profile: p(),
+                    message: "m".into(),
+                }),
+            ),
+        ),
+        S(
+            "error_version_mismatch_in_response",
+            resp(
+                15,
+                Err(BrokerError::VersionMismatch {
+                    broker: 2,
+                    client: 1,
+                }),
+            ),
+        ),
+        S(
+            "connection_error_version_mismatch",
+            ServerMessage::Error(BrokerError::VersionMismatch {
+                broker: 1,
+                client: 2,
+            }),
+        ),
+        S(
+            "connection_error_bad_request",
+            ServerMessage::Error(BrokerError::bad_request("malformed Hello")),
+        ),
+        S(
+            "event_token",
+            ServerMessage::Event {
+                id: 3,
+                event: WatchEvent::Token {
+                    profile: p(),
+                    token: token(),
+                },
+            },
+        ),
+        S(
+            "event_state",
             ServerMessage::Event {
                 id: 3,
                 event: WatchEvent::State {
@@ -170,26 +348,45 @@ fn server_golden() -> Vec<(ServerMessage, &'static str)> {
                     expires_at: None,
                 },
             },
-            "0200000003000000000000000100000001000000000000007002000000030000000000000000",
         ),
-        (
+        S(
+            "event_state_client_rejected",
             ServerMessage::Event {
                 id: 3,
-                event: WatchEvent::ReauthRequired { profile: p(), message: "m".into() },
+                event: WatchEvent::State {
+                    profile: p(),
+                    state: ProfileState::ClientRejected,
+                    generation: 4,
+                    expires_at: Some(9),
+                },
             },
-            "0200000003000000000000000200000001000000000000007001000000000000006d",
         ),
-        (ServerMessage::Event { id: 3, event: WatchEvent::Removed { profile: p() } }, "02000000030000000000000003000000010000000000000070"),
-        (
-            resp(14, Err(BrokerError::ClientRejected { profile: p(), message: "m".into() })),
-            "010000000e00000000000000010000000700000001000000000000007001000000000000006d",
-        ),
-        (
+        S(
+            "event_reauth_required",
             ServerMessage::Event {
                 id: 3,
-                event: WatchEvent::ClientRejected { profile: p(), message: "m".into() },
+                event: WatchEvent::ReauthRequired {
+                    profile: p(),
+                    message: "m".into(),
+                },
             },
-            "0200000003000000000000000400000001000000000000007001000000000000006d",
+        ),
+        S(
+            "event_removed",
+            ServerMessage::Event {
+                id: 3,
+                event: WatchEvent::Removed { profile: p() },
+            },
+        ),
+        S(
+            "event_client_rejected",
+            ServerMessage::Event {
+                id: 3,
+                event: WatchEvent::ClientRejected {
+                    profile: p(),
+                    message: "m".into(),
+                },
+            },
         ),
     ]
 }
@@ -198,34 +395,168 @@ fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn check_golden<T>(cases: Vec<(T, &'static str)>)
+fn testdata() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
+}
+
+/// The bytes of a `.hex` file: `#` starts a comment, whitespace is ignored.
+fn parse_hex_file(text: &str) -> Vec<u8> {
+    let digits: String = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+        .collect();
+    assert!(digits.len().is_multiple_of(2), "odd number of hex digits");
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}
+
+/// The file a sample is pinned by: its Debug form as a comment, then the
+/// length prefix on its own line, then the payload, 16 bytes per line.
+fn render_hex_file(debug: &str, frame: &[u8]) -> String {
+    let mut out =
+        format!("# {debug}\n# length prefix (u32, big-endian), then the bincode payload\n");
+    out.push_str(&to_hex(&frame[..4]));
+    out.push('\n');
+    for chunk in frame[4..].chunks(16) {
+        out.push_str(&to_hex(chunk));
+        out.push('\n');
+    }
+    out
+}
+
+fn check_sample<T>(name: &str, msg: &T, failures: &mut Vec<String>)
 where
     T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
 {
-    let mut failures = Vec::new();
-    for (msg, want) in cases {
-        let got = to_hex(&encode(&msg).unwrap());
-        if got != want {
-            failures.push(format!("{msg:?}\n    got  {got}\n    want {want}"));
+    let frame = encode_frame(msg).unwrap();
+    let path = testdata().join(format!("{name}.hex"));
+    if std::env::var_os("KONTEXT_BLESS_GOLDEN").is_some() {
+        std::fs::write(&path, render_hex_file(&format!("{msg:?}"), &frame)).unwrap();
+    }
+    let want = match std::fs::read_to_string(&path) {
+        Ok(text) => parse_hex_file(&text),
+        Err(e) => {
+            failures.push(format!("{name}: cannot read {}: {e}", path.display()));
+            return;
         }
-        let back: T = decode(&encode(&msg).unwrap()).unwrap();
-        assert_eq!(back, msg);
+    };
+    if frame != want {
+        failures.push(format!(
+            "{name}: {msg:?}\n    got  {}\n    want {}",
+            to_hex(&frame),
+            to_hex(&want)
+        ));
+    }
+    let back: T = decode(&want[4..]).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(&back, msg, "{name} decodes to a different message");
+}
+
+#[test]
+fn golden_frames_match_testdata() {
+    let mut failures = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for sample in samples() {
+        let name = match &sample {
+            Sample::Client(name, msg) => {
+                check_sample(name, msg, &mut failures);
+                name
+            }
+            Sample::Server(name, msg) => {
+                check_sample(name, msg, &mut failures);
+                name
+            }
+        };
+        assert!(names.insert(name.to_string()), "duplicate sample {name}");
     }
     assert!(
         failures.is_empty(),
-        "wire bytes changed:\n{}",
+        "wire bytes changed (rerun with KONTEXT_BLESS_GOLDEN=1 only for a deliberate protocol version bump):\n{}",
         failures.join("\n")
     );
+    // No orphan file: every .hex in testdata is a sample here.
+    for entry in std::fs::read_dir(testdata()).unwrap() {
+        let file = entry.unwrap().file_name().into_string().unwrap();
+        if let Some(name) = file.strip_suffix(".hex") {
+            assert!(names.contains(name), "testdata/{file} has no sample");
+        }
+    }
 }
 
+/// Every byte example in WIRE.md is a fenced `hex` block right after a
+/// `<!-- golden: NAME -->` marker, and its bytes equal `testdata/NAME.hex`.
+/// On each line of a block, the bytes are the text before the first run of
+/// two spaces; the rest is an annotation.
 #[test]
-fn golden_client_messages() {
-    check_golden(client_golden());
-}
-
-#[test]
-fn golden_server_messages() {
-    check_golden(server_golden());
+fn wire_md_byte_examples_match_testdata() {
+    let doc_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("WIRE.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let lines: Vec<&str> = doc.lines().collect();
+    let mut checked = 0;
+    let mut pending: Option<String> = None;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i].trim();
+        if let Some(rest) = line.strip_prefix("<!-- golden:") {
+            let name = rest.trim_end_matches("-->").trim().to_string();
+            assert!(
+                pending.is_none(),
+                "WIRE.md line {}: marker without a hex block",
+                i + 1
+            );
+            pending = Some(name);
+        } else if line.starts_with("```") {
+            let fence = line.trim_start_matches('`');
+            let start = i;
+            let mut body = Vec::new();
+            i += 1;
+            while i < lines.len() && !lines[i].trim().starts_with("```") {
+                body.push(lines[i]);
+                i += 1;
+            }
+            match (fence, pending.take()) {
+                ("hex", Some(name)) => {
+                    let digits: String = body
+                        .iter()
+                        .map(|l| l.split("  ").next().unwrap_or(""))
+                        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+                        .collect();
+                    let got = parse_hex_file(&digits);
+                    let want = parse_hex_file(
+                        &std::fs::read_to_string(testdata().join(format!("{name}.hex")))
+                            .unwrap_or_else(|e| panic!("WIRE.md example {name}: {e}")),
+                    );
+                    assert_eq!(
+                        to_hex(&got),
+                        to_hex(&want),
+                        "WIRE.md line {}: example `{name}` differs from testdata/{name}.hex",
+                        start + 1
+                    );
+                    checked += 1;
+                }
+                ("hex", None) => panic!(
+                    "WIRE.md line {}: hex block without a golden marker",
+                    start + 1
+                ),
+                (_, Some(name)) => panic!(
+                    "WIRE.md line {}: marker `{name}` is not followed by a hex block",
+                    start + 1
+                ),
+                (_, None) => {}
+            }
+        }
+        i += 1;
+    }
+    assert!(
+        pending.is_none(),
+        "WIRE.md ends with a dangling golden marker"
+    );
+    assert!(
+        checked >= 3,
+        "WIRE.md should show byte examples; found {checked}"
+    );
 }
 
 #[test]

@@ -1,0 +1,5 @@
+package broker
+
+import "fmt"
+
+func sprintf(format string, args ...interface{}) string { return fmt.Sprintf(format, args...) }

@@ -1,0 +1,3 @@
+module example.invalid/kontext-broker/client-go
+
+go 1.19
