@@ -6,7 +6,9 @@
 # Used by tests/src/dot.rs on first use and by .ci/run. Prints what it did.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-venv=$1
+# Absolute, because the template step below runs from this directory.
+mkdir -p "$1"
+venv=$(cd "$1" && pwd)
 req="$here/requirements.txt"
 stamp="$venv/kontext-requirements.txt"
 
