@@ -1,4 +1,4 @@
-//! The optional TOML config file (SPEC §1). Every setting has a default.
+//! The optional TOML config file (contract §1). Every setting has a default.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! The `kontext-broker` process: startup order, single-instance lock, signals,
-//! and orderly shutdown (SPEC §1). `main` only parses [`Args`] and calls [`run`].
+//! and orderly shutdown (contract §1). `main` only parses [`Args`] and calls [`run`].
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -17,7 +17,7 @@ use crate::server::{self, socket};
 use crate::service::{Service, ServiceInfo};
 use crate::{hardening, Error};
 
-/// From a stop signal to exit, SPEC §1 allows 5 s; we aim to finish inside this.
+/// From a stop signal to exit, contract §1 allows 5 s; we aim to finish inside this.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// Share of the budget for open connections to flush their answers.
 const HANDLER_GRACE: Duration = Duration::from_secs(2);
@@ -32,7 +32,7 @@ pub enum LogFormat {
 }
 
 /// Command line of `kontext-broker`. Unset paths fall back to the environment
-/// and XDG defaults of SPEC §1 (see `kontext_broker_protocol::paths`).
+/// and XDG defaults of contract §1 (see `kontext_broker_protocol::paths`).
 #[derive(Debug, clap::Parser)]
 #[command(name = "kontext-broker", version, about)]
 pub struct Args {

@@ -1,4 +1,4 @@
-//! Process hardening applied before anything else runs (SPEC §1).
+//! Process hardening applied before anything else runs (contract §1).
 //!
 //! The broker holds refresh tokens in memory, so it must not leave core dumps,
 //! must not be attachable by same-uid debuggers, and must create every file it

@@ -1,6 +1,6 @@
 //! Costs of getting a token: `BrokerTokenSource::token()` from cache, a
 //! `get_token` round trip, and a raw Unix-socket echo of similar size for scale
-//! (SPEC §9: compare ratios within one run, never absolute numbers).
+//! (contract §9: compare ratios within one run, never absolute numbers).
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -29,7 +29,7 @@ impl std::fmt::Debug for BrokerClient {
 }
 
 impl BrokerClient {
-    /// Connects to the default socket (SPEC §1).
+    /// Connects to the default socket (contract §1).
     pub fn connect() -> Result<Self> {
         Self::with_builder(ClientBuilder::default())
     }

@@ -139,7 +139,7 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Connect to this socket instead of the resolved default (SPEC §1).
+    /// Connect to this socket instead of the resolved default (contract §1).
     pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.socket = Some(path.into());
         self
@@ -414,7 +414,7 @@ impl BrokerClient {
         }
     }
 
-    /// Connects to the socket resolved as in SPEC §1 (`KONTEXT_BROKER_SOCKET`, XDG, tmp).
+    /// Connects to the socket resolved as in contract §1 (`KONTEXT_BROKER_SOCKET`, XDG, tmp).
     pub async fn connect() -> Result<Self> {
         ClientBuilder::default().connect().await
     }
@@ -557,7 +557,7 @@ impl BrokerClient {
         }
     }
 
-    /// An access token valid for at least `min_valid` (capped by the broker, SPEC §5).
+    /// An access token valid for at least `min_valid` (capped by the broker, contract §5).
     pub async fn get_token(&self, profile: &str, min_valid: Duration) -> Result<Token> {
         token(
             self.request(Request::GetToken {

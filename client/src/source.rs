@@ -79,7 +79,7 @@ fn now_ms() -> u64 {
 
 /// The instant (unix ms) after which `token` is no longer served from cache:
 /// expiry minus `min(max_margin, lifetime / 10)`, the broker's own margin rule
-/// (SPEC §5), so short test lifetimes behave like real ones.
+/// (contract §5), so short test lifetimes behave like real ones.
 fn fresh_until_ms(token: &Token, max_margin: Duration) -> u64 {
     let lifetime_ms = token.expires_at.saturating_sub(token.issued_at) * 1000;
     let margin_ms = (max_margin.as_millis() as u64).min(lifetime_ms / 10);
@@ -274,7 +274,7 @@ impl TokenSourceBuilder {
         self
     }
 
-    /// The broker socket (default: resolved as in SPEC §1).
+    /// The broker socket (default: resolved as in contract §1).
     pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.client = self.client.socket(path);
         self

@@ -1,4 +1,4 @@
-//! Benchmark (SPEC §9): a cached `GetToken` round trip through the real broker,
+//! Benchmark (contract §9): a cached `GetToken` round trip through the real broker,
 //! against a raw Unix-socket echo of the same frame size in the same run.
 //! The budget is a ratio of at most 2, because absolute figures depend on the
 //! machine (context switches are expensive on small VMs).

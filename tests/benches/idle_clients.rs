@@ -1,4 +1,4 @@
-//! Memory budget (SPEC §9): 1000 idle clients fit in at most 30 MB of broker RSS.
+//! Memory budget (contract §9): 1000 idle clients fit in at most 30 MB of broker RSS.
 //!
 //! Starts the broker binary next to this bench (`target/release` under
 //! `cargo bench`, falling back to `target/debug`; `KONTEXT_BROKER_BIN` wins),

@@ -1,4 +1,4 @@
-//! The authorization code + PKCE login (SPEC §6) against the real
+//! The authorization code + PKCE login (contract §6) against the real
 //! `oidc-provider`, driven without a browser: the test plays the user with
 //! `html_form::complete_login` and delivers the redirect to the loopback
 //! listener with a plain HTTP GET. Needs `node` and `npm ci --prefix tests/idp`.
@@ -96,7 +96,7 @@ async fn code_flow_end_to_end_yields_working_tokens_with_refresh_token() {
     let started = Instant::now();
     let (task, auth_url) = start(options(&idp, PUBLIC_CLIENT_ID)).await;
 
-    // What SPEC §6 promises about the request.
+    // What contract §6 promises about the request.
     assert_eq!(
         param(&auth_url, "code_challenge_method").as_deref(),
         Some("S256")

@@ -1,4 +1,4 @@
-//! The device authorization login (RFC 8628, SPEC §6 `--device`) against the
+//! The device authorization login (RFC 8628, contract §6 `--device`) against the
 //! real `oidc-provider` (device flow with `interval: 1`). The test approves or
 //! aborts the code on the provider's devInteractions pages.
 //! Needs `node` and `npm ci --prefix tests/idp`.

@@ -1,4 +1,4 @@
-//! ID token validation of the login (SPEC §6): real tokens signed by
+//! ID token validation of the login (contract §6): real tokens signed by
 //! `oidc-provider`, checked against the right and the wrong expectations, and
 //! tampered copies. Needs `node` and `npm ci --prefix tests/idp`.
 

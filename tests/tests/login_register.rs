@@ -1,4 +1,4 @@
-//! `--register` (RFC 7591, SPEC §6) against the real `oidc-provider`: the
+//! `--register` (RFC 7591, contract §6) against the real `oidc-provider`: the
 //! registered client has the refresh grant, logs in, and its refresh token
 //! works. Needs `node` and `npm ci --prefix tests/idp`.
 

@@ -1,4 +1,4 @@
-//! Malformed and hostile input against the real broker (SPEC §3): each bad
+//! Malformed and hostile input against the real broker (contract §3): each bad
 //! connection gets its specified treatment while a well-behaved client on
 //! another connection keeps being served.
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kontext_broker_protocol::{Request, Response};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess, Closed, RawClient};
 
-/// SPEC §1: exit within 5 s of SIGTERM.
+/// contract §1: exit within 5 s of SIGTERM.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// Safety net for a broker that is expected to refuse to start.
 const FAIL_TIMEOUT: Duration = Duration::from_secs(60);

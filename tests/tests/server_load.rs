@@ -1,5 +1,5 @@
 //! Thousands of concurrent clients against the real broker: all held open, all
-//! answered, broker RSS measured idle and loaded (SPEC §9 budget: 1000 idle
+//! answered, broker RSS measured idle and loaded (contract §9 budget: 1000 idle
 //! clients within 30 MB; the figure is printed, the budget is the benchmark's).
 
 use std::time::Duration;

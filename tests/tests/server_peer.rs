@@ -1,4 +1,4 @@
-//! SPEC §2: a peer with another uid is closed before any byte is read or
+//! contract §2: a peer with another uid is closed before any byte is read or
 //! written, and counted in `rejected_peers`.
 //!
 //! Needs root (CI runs as root): the foreign peer is a child that drops to uid

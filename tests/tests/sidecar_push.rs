@@ -1,4 +1,4 @@
-//! Push delivery to `BrokerTokenSource`s (SPEC §8): every subscribed source
+//! Push delivery to `BrokerTokenSource`s (contract §8): every subscribed source
 //! holds each new token soon after a refresh, without asking the broker for it.
 
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,4 @@
-//! A dead login seen from the sidecar side (SPEC §8, §9): when the IdP forgets
+//! A dead login seen from the sidecar side (contract §8, §9): when the IdP forgets
 //! the grant, every `BrokerTokenSource` answers `Error::ReauthRequired` with the
 //! broker's message, stickily and without asking the broker again, the IdP sees
 //! exactly one more refresh attempt, and the example sidecar logs it once.

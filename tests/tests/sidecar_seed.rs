@@ -1,4 +1,4 @@
-//! The seed scenario (SPEC §8, §9): ten sidecars, each with its own
+//! The seed scenario (contract §8, §9): ten sidecars, each with its own
 //! `BrokerTokenSource` and `BearerLayer` around a hyper client, send a heartbeat
 //! every 200 ms for 42 s to a backend that checks every token by introspection
 //! at the real `oidc-provider` (5 s access tokens), which runs in Hydra mode:
@@ -286,7 +286,7 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     );
     // About one refresh per 0.8 × lifetime, plus the forced one, the one the
     // deletion caused, and one of slack; none failed. The broker's default 5%
-    // jitter moves each proactive refresh up to 0.05 × lifetime earlier (SPEC §5),
+    // jitter moves each proactive refresh up to 0.05 × lifetime earlier (contract §5),
     // so the period is at least 0.75 × lifetime: with exactly 0.8 this 42 s run
     // needs 12-13 grants against a bound of 13, which is too tight to be stable.
     let bound = (since_import.as_secs_f64() / (0.75 * TTL_SECS as f64)) as u64 + 3;

@@ -1,4 +1,4 @@
-//! `broker-ctl doctor` (SPEC §7): checks paths, permissions, the broker, each
+//! `broker-ctl doctor` (contract §7): checks paths, permissions, the broker, each
 //! profile's IdP discovery, and the clock against each IdP's `Date` header.
 //!
 //! One line per check on stdout, `ok`, `warn` or `fail` first. Nothing is

@@ -1,4 +1,4 @@
-//! `broker-ctl`: the command line for users and scripts (SPEC §7).
+//! `broker-ctl`: the command line for users and scripts (contract §7).
 //!
 //! Data goes to stdout; every failure is one line on stderr naming the cause and
 //! the fix, and the exit code says which kind of failure it was (see [`exit`]).
@@ -23,7 +23,7 @@ use kontext_broker_protocol::{
 
 pub use render::{escape_controls, rfc3339, status_json, status_table, watch_json, watch_line};
 
-/// Exit codes of `broker-ctl` (SPEC §7). Scripts rely on these numbers.
+/// Exit codes of `broker-ctl` (contract §7). Scripts rely on these numbers.
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
@@ -145,7 +145,7 @@ pub enum Command {
         /// Profile name.
         #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
         profile: String,
-        /// Minimum remaining validity in seconds (the broker caps it, SPEC §5).
+        /// Minimum remaining validity in seconds (the broker caps it, contract §5).
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         min_valid: u64,
     },

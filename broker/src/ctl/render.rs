@@ -1,4 +1,4 @@
-//! Output formats of `broker-ctl`: the `status` JSON schema (SPEC §7), the human
+//! Output formats of `broker-ctl`: the `status` JSON schema (contract §7), the human
 //! status table, and `watch` lines. None of them ever includes a token.
 //!
 //! Human output escapes control characters ([`escape_controls`]): names,
@@ -68,7 +68,7 @@ fn profile_json(p: &ProfileStatus) -> Value {
     })
 }
 
-/// The `status --json` object (SPEC §7).
+/// The `status --json` object (contract §7).
 pub fn status_json(s: &StatusReport) -> Value {
     let b = &s.broker;
     json!({

@@ -322,7 +322,7 @@ impl Actor {
                 None
             }
             Phase::Backoff { until_ms } => {
-                // Serve whatever validity is left rather than nothing (SPEC §5).
+                // Serve whatever validity is left rather than nothing (contract §5).
                 let until_ms = *until_ms;
                 let answer = match token.filter(|t| policy::unexpired(t, now)) {
                     Some(t) => Ok(t),
@@ -393,7 +393,7 @@ impl Actor {
         (due && self.in_use(now)).then(|| self.begin(Vec::new()))
     }
 
-    /// Proactive refresh runs only while someone uses the profile (SPEC §5).
+    /// Proactive refresh runs only while someone uses the profile (contract §5).
     fn in_use(&self, now: u64) -> bool {
         if self.events.receiver_count() > 0 {
             return true;
@@ -557,7 +557,7 @@ impl Actor {
     /// Common tail of a refresh or save: serve the token only once it is durable.
     /// A `fresh` token (just issued) goes to the waiters whatever its lifetime:
     /// it is the best the IdP gives, and refusing it would only make them ask
-    /// again (SPEC §5).
+    /// again (contract §5).
     fn after_save(
         &mut self,
         saved: Result<(), String>,

@@ -1,5 +1,5 @@
 //! The token engine: one actor task per profile, the only code that calls that
-//! profile's token endpoint (SPEC §5).
+//! profile's token endpoint (contract §5).
 //!
 //! Invariants:
 //! - At most one job (a token-endpoint call or a persist retry) runs per profile;
@@ -79,7 +79,7 @@ pub struct Refreshed {
     pub scopes: Option<Vec<String>>,
 }
 
-/// Why a refresh failed, classified as SPEC §5 requires.
+/// Why a refresh failed, classified as contract §5 requires.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshError {
     /// `invalid_grant`, `invalid_client` or `unauthorized_client`: the grant is dead.
@@ -199,7 +199,7 @@ impl EngineHandle {
         &self.name
     }
 
-    /// A token valid for at least `min_valid_secs` (capped as SPEC §5 says).
+    /// A token valid for at least `min_valid_secs` (capped as contract §5 says).
     pub async fn get_token(&self, min_valid_secs: u64) -> Result<Token, BrokerError> {
         let now = self.clock.now_ms();
         {

@@ -1,4 +1,4 @@
-//! Pure timing rules of the token engine (SPEC §5). No I/O, no clock reads:
+//! Pure timing rules of the token engine (contract §5). No I/O, no clock reads:
 //! every function takes `now` so tests can state exact cases.
 
 use std::time::Duration;
@@ -14,7 +14,7 @@ pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Token-endpoint calls of one profile start at least this far apart, whatever
 /// lifetime the IdP claims, so a lying or tiny `expires_in` cannot become a
-/// storm of calls (SPEC §5: at most one on-demand call per second).
+/// storm of calls (contract §5: at most one on-demand call per second).
 pub const MIN_CALL_GAP_MS: u64 = 1000;
 
 /// When the next token-endpoint call may start: `now`, or [`MIN_CALL_GAP_MS`]
@@ -91,7 +91,7 @@ pub fn refresh_due_ms(
 }
 
 /// Retry delays after transient failures: exponential from `initial`, doubling,
-/// with up to 100% added jitter, capped at `max` (SPEC: 1 s to 5 min).
+/// with up to 100% added jitter, capped at `max` (contract: 1 s to 5 min).
 #[derive(Debug)]
 pub struct Backoff {
     initial: Duration,

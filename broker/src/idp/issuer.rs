@@ -19,7 +19,7 @@ pub fn is_loopback_http(url: &Url) -> bool {
     }
 }
 
-/// Checks an issuer URL: `https://`, or `http://` on loopback only (SPEC §4);
+/// Checks an issuer URL: `https://`, or `http://` on loopback only (contract §4);
 /// no query, fragment or credentials, as OIDC Discovery requires.
 pub fn validate_issuer(issuer: &str) -> Result<Url> {
     let url = Url::parse(issuer)

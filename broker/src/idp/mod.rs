@@ -1,7 +1,7 @@
 //! Talking to the identity provider: discovery, the refresh grant, revocation.
 //!
 //! All HTTP goes through one rustls client ([`http::Http`]) with the timeouts of
-//! SPEC §4 and a cap on response size, so a slow or lying IdP costs bounded time
+//! contract §4 and a cap on response size, so a slow or lying IdP costs bounded time
 //! and memory. OAuth itself is the `openidconnect` crate's job; this module only
 //! builds its clients and classifies its answers.
 

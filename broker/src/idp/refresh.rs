@@ -131,7 +131,7 @@ fn rescue(body: &[u8]) -> Option<Refreshed> {
     })
 }
 
-/// The SPEC §5 classes by OAuth error code: only a dead grant or client is final.
+/// The contract §5 classes by OAuth error code: only a dead grant or client is final.
 fn classify_code(code: &str, detail: String) -> RefreshError {
     match code {
         "invalid_grant" | "invalid_client" | "unauthorized_client" => {
@@ -158,7 +158,7 @@ fn token_type_name<T: TokenType>(t: &T) -> String {
     }
 }
 
-/// Sorts a failed token request into the two classes of SPEC §5.
+/// Sorts a failed token request into the two classes of contract §5.
 ///
 /// Only an explicit `invalid_grant`, `invalid_client` or `unauthorized_client`
 /// means the grant is dead; everything else, including an IdP that answers with

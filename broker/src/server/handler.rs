@@ -89,7 +89,7 @@ impl Handler {
         let service = self.service.clone();
         let _open = OpenConnection::new(&service.stats().connections);
 
-        // No complete Hello in time: the slot goes back (SPEC: 10 s by default).
+        // No complete Hello in time: the slot goes back (contract: 10 s by default).
         let deadline = Duration::from_secs(service.config().handshake_timeout_secs);
         let greeted = tokio::select! {
             biased;

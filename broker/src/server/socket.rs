@@ -1,4 +1,4 @@
-//! The listening socket: binding it safely, or taking it from systemd (SPEC §1).
+//! The listening socket: binding it safely, or taking it from systemd (contract §1).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};

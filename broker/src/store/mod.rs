@@ -1,4 +1,4 @@
-//! The encrypted profile store (SPEC §4).
+//! The encrypted profile store (contract §4).
 //!
 //! Layout of the state directory (0700):
 //! - `identity.txt` (file identity, 0600) or `identity.age` + `recipient.txt`
