@@ -68,7 +68,11 @@ async fn ctl_import(s: &Setup, args: &[&str], response: &Value) -> Output {
     // broker-ctl may exit before reading stdin (a refusal); its exit status and stderr
     // then tell the test why, so a broken pipe here is not itself a failure.
     if let Err(e) = stdin.write_all(response.to_string().as_bytes()).await {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "writing stdin: {e}");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe,
+            "writing stdin: {e}"
+        );
     }
     drop(stdin);
     child.wait_with_output().await.unwrap()
