@@ -39,6 +39,8 @@ impl<T: TokenSource> TokenSource for Arc<T> {
 const BACKOFF_START: Duration = Duration::from_millis(50);
 /// Longest delay between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a call waits for a restarting broker before it reports it gone.
+const RESTART_GRACE: Duration = Duration::from_secs(3);
 /// A watch that lasted this long counts as healthy; its end resets the backoff.
 const HEALTHY_WATCH: Duration = Duration::from_secs(10);
 /// Default upper bound of the validity a cached token must still have to be served.
@@ -151,16 +153,32 @@ impl State {
         Ok(c)
     }
 
-    /// Runs `call` on a live connection, once more on a fresh one if the first
-    /// connection turns out to be dead.
+    /// Runs `call` on a live connection; while the broker is gone (a restart),
+    /// retries on fresh connections for up to [`RESTART_GRACE`].
     async fn with_client<F, Fut>(&self, call: F) -> Result<Token>
     where
         F: Fn(BrokerClient) -> Fut,
         Fut: Future<Output = Result<Token>>,
     {
-        let result = match call(self.client().await?).await {
-            Err(Error::Disconnected) => call(self.client().await?).await,
-            other => other,
+        // A broker restart leaves a short window with no socket: ride it out
+        // with a few quick retries instead of failing the caller at once.
+        let mut delay = BACKOFF_START;
+        let mut waited = Duration::ZERO;
+        let result = loop {
+            let attempt = match self.client().await {
+                Ok(client) => call(client).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Err(Error::Disconnected | Error::BrokerNotRunning { .. })
+                    if waited < RESTART_GRACE =>
+                {
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+                other => break other,
+            }
         };
         match &result {
             Ok(t) => self.store_token(t),
