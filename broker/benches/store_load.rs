@@ -15,6 +15,10 @@ fn record(i: usize) -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: None,
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into(), "offline_access".into()],
         audience: None,
         endpoints: Endpoints {
@@ -25,6 +29,7 @@ fn record(i: usize) -> ProfileRecord {
         subject: Some("user@example".into()),
         refresh_token: Some(Secret::new("r".repeat(600))),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::new("a".repeat(1200)),
             token_type: "Bearer".into(),
             issued_at: 1,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kontext_broker_protocol::EndpointOverrides;
+use kontext_broker_protocol::{ClientAuthMethod, EndpointOverrides};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -51,12 +51,16 @@ pub struct Config {
     /// log2 of the scrypt work factor for a new passphrase identity. `None` lets
     /// age calibrate (about 1 s). Tests set a small value.
     pub scrypt_work_factor: Option<u8>,
+    /// Lifetime assumed for an access token whose response has no `expires_in`
+    /// and which is not a JWT with `exp`, seconds.
+    pub default_token_lifetime: u64,
     /// Per-profile settings: `[profiles.NAME]` tables.
     pub profiles: BTreeMap<String, ProfileConfig>,
 }
 
-/// Settings of one profile (`[profiles.NAME]`), for servers whose metadata
-/// lacks an endpoint. They win over discovery; `login`/`import` flags win over them.
+/// Settings of one profile (`[profiles.NAME]`): endpoints for servers whose metadata
+/// lacks one, client authentication and the default token lifetime. They win over
+/// discovery; `login`/`import` flags win over them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProfileConfig {
@@ -66,6 +70,13 @@ pub struct ProfileConfig {
     pub revocation_endpoint: Option<String>,
     /// Device authorization endpoint URL (RFC 8628), used by `login --device`.
     pub device_authorization_endpoint: Option<String>,
+    /// Client authentication method (`client_secret_basic`, `client_secret_post`,
+    /// `private_key_jwt`, `none`); wins over the server's metadata. A method
+    /// given with `--client-auth` at login or import wins over this.
+    #[serde(deserialize_with = "auth_method")]
+    pub client_auth: Option<ClientAuthMethod>,
+    /// Overrides the global `default_token_lifetime` for this profile, seconds.
+    pub default_token_lifetime: Option<u64>,
 }
 
 impl Default for Config {
@@ -83,6 +94,7 @@ impl Default for Config {
             backoff_initial_secs: 1,
             backoff_max_secs: 300,
             scrypt_work_factor: None,
+            default_token_lifetime: crate::engine::lifetime::DEFAULT_TOKEN_LIFETIME_SECS,
             profiles: BTreeMap::new(),
         }
     }
@@ -169,6 +181,19 @@ impl Config {
         }
     }
 
+    /// The client authentication method the config sets for `profile`, if any.
+    pub fn client_auth_for(&self, profile: &str) -> Option<ClientAuthMethod> {
+        self.profiles.get(profile).and_then(|p| p.client_auth)
+    }
+
+    /// The lifetime assumed for `profile`'s tokens that state none, seconds.
+    pub fn default_token_lifetime_for(&self, profile: &str) -> u64 {
+        self.profiles
+            .get(profile)
+            .and_then(|p| p.default_token_lifetime)
+            .unwrap_or(self.default_token_lifetime)
+    }
+
     /// The message every client gets when a refresh token is dead.
     pub fn reauth_message(&self) -> String {
         format!(
@@ -176,6 +201,17 @@ impl Config {
             self.reauth_command
         )
     }
+}
+
+fn auth_method<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<ClientAuthMethod>, D::Error> {
+    let name = String::deserialize(d)?;
+    ClientAuthMethod::parse(&name).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "unknown client_auth `{name}`; use client_secret_basic, client_secret_post, private_key_jwt or none"
+        ))
+    })
 }
 
 impl ProfileConfig {
@@ -222,6 +258,24 @@ mod tests {
             c.reauth_message(),
             "Session expired, run `acme login` to re-authenticate"
         );
+    }
+
+    #[test]
+    fn profile_settings() {
+        let c = Config::parse(
+            "default_token_lifetime = 120\n[profiles.work]\nclient_auth = \"client_secret_post\"\ndefault_token_lifetime = 30\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.client_auth_for("work"),
+            Some(ClientAuthMethod::ClientSecretPost)
+        );
+        assert_eq!(c.client_auth_for("other"), None);
+        assert_eq!(c.default_token_lifetime_for("work"), 30);
+        assert_eq!(c.default_token_lifetime_for("other"), 120);
+        assert_eq!(Config::default().default_token_lifetime_for("x"), 300);
+        let e = Config::parse("[profiles.p]\nclient_auth = \"basic\"\n").unwrap_err();
+        assert!(e.contains("client_secret_basic"), "{e}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::time::Instant;
 use futures::stream::{self, BoxStream, StreamExt};
 use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::{
-    BrokerError, BrokerStatus, ClientCredential, ImportRequest, ProfileState, ProfileStatus,
-    Request, Response, Secret, StatusReport, WatchEvent,
+    BrokerError, BrokerStatus, ClientAuthMethod, ClientCredential, ImportRequest, ProfileState,
+    ProfileStatus, Request, Response, Secret, SetClientRequest, StatusReport, WatchEvent,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -35,9 +35,6 @@ use crate::store::{
     PROFILE_FORMAT_VERSION,
 };
 use crate::Error;
-
-/// Lifetime assumed for an imported access token whose response has no `expires_in`.
-const IMPORT_FALLBACK_LIFETIME_SECS: u64 = 300;
 
 /// Encoded bytes of profile entries in one `status` page, with the broker
 /// entry. The rest of the 64 KiB frame is headroom for the envelope (ids,
@@ -230,9 +227,7 @@ impl Service {
                 Ok(Response::Done)
             }
             Request::Ping => Ok(Response::Pong),
-            Request::SetClient(_) => Err(BrokerError::bad_request(
-                "this broker does not implement SetClient yet",
-            )),
+            Request::SetClient(set) => self.set_client(set).await.map(Response::Token),
             Request::Watch { .. } => Err(BrokerError::bad_request(
                 "Watch is a subscription; the connection handler serves it",
             )),
@@ -476,6 +471,18 @@ impl Service {
         }
     }
 
+    /// `SetClient`: checks the new credential, then lets the profile's engine
+    /// swap it in and refresh at once (the way out of `client_rejected`).
+    async fn set_client(
+        &self,
+        set: SetClientRequest,
+    ) -> Result<kontext_broker_protocol::Token, BrokerError> {
+        check_credential(&set.credential, set.client_auth).map_err(|e| e.to_wire())?;
+        let engine = self.engine(&set.profile)?;
+        let result = engine.set_client(set.credential, set.client_auth).await;
+        self.explain_gone(&set.profile, result)
+    }
+
     async fn import(&self, import: ImportRequest) -> Result<ProfileStatus, BrokerError> {
         let record = self
             .record_from_import(import)
@@ -498,6 +505,7 @@ impl Service {
                     .into(),
             ));
         };
+        check_credential(&import.credential, import.client_auth)?;
         idp::validate_issuer(&import.issuer)?;
         let overrides = self
             .inner
@@ -505,12 +513,17 @@ impl Service {
             .merged_overrides(&import.profile, &import.endpoints);
         let endpoints =
             idp::discover_with(self.inner.idp.http(), &import.issuer, &overrides).await?;
+        let default_lifetime = self
+            .inner
+            .config
+            .default_token_lifetime_for(&import.profile);
         Ok(record_from_response(
             import,
             response,
             refresh_token,
             endpoints,
             self.inner.deps.clock.now_secs(),
+            default_lifetime,
         ))
     }
 
@@ -614,7 +627,13 @@ impl Service {
                             .to_owned(),
                     ),
                 ),
-                Some(target) => match idp::revoke(self.inner.idp.http(), &target).await {
+                Some(target) => match idp::revoke(
+                    self.inner.idp.http(),
+                    &self.inner.idp.client_auth(&target),
+                    &target,
+                )
+                .await
+                {
                     Ok(()) => (true, None),
                     Err(e) => {
                         warn!(profile, error = %e, "revocation failed; deleting the profile anyway");
@@ -766,20 +785,51 @@ fn bare_status(name: &str, state: ProfileState, last_error: Option<String>) -> P
     }
 }
 
+/// Checks a client credential (and method) sent with `Import` or `SetClient`:
+/// an unusable key or a method that does not fit is refused before anything is saved.
+fn check_credential(
+    credential: &ClientCredential,
+    method: Option<ClientAuthMethod>,
+) -> crate::Result<()> {
+    if let ClientCredential::Secret(s) | ClientCredential::PrivateKey(s) = credential {
+        if s.is_empty() {
+            return Err(Error::Invalid("the client credential is empty".into()));
+        }
+    }
+    if let ClientCredential::PrivateKey(key) = credential {
+        idp::client_auth::check_client_key(key)?;
+    }
+    if let Some(method) = method {
+        idp::client_auth::check_method(credential, method)?;
+    }
+    Ok(())
+}
+
 /// The record for a token response obtained at `now_secs` (import or login).
+/// Without `expires_in`, the lifetime is the access token's JWT `exp`, else
+/// `default_lifetime_secs`.
 pub fn record_from_response(
     import: ImportRequest,
     response: TokenResponse,
     refresh_token: Secret,
     endpoints: Endpoints,
     now_secs: u64,
+    default_lifetime_secs: u64,
 ) -> ProfileRecord {
     let granted = response.scopes();
-    // 0 is allowed (an already expired token: the first request refreshes it).
-    let lifetime = response
-        .expires_in
-        .unwrap_or(IMPORT_FALLBACK_LIFETIME_SECS)
-        .min(engine::policy::MAX_LIFETIME_SECS);
+    let (lifetime, lifetime_source) = engine::lifetime::lifetime(
+        response.expires_in,
+        response.access_token.expose(),
+        now_secs,
+        default_lifetime_secs,
+    );
+    // An import may carry an already expired token (`expires_in: 0`): keep 0, so
+    // the first request refreshes it instead of serving it for a second.
+    let lifetime = if response.expires_in == Some(0) {
+        0
+    } else {
+        lifetime
+    };
     let mut secrets = idp::sanitize::Secrets::none();
     secrets.add(response.access_token.expose());
     secrets.add(refresh_token.expose());
@@ -792,10 +842,17 @@ pub fn record_from_response(
         name: import.profile,
         issuer: import.issuer,
         client_id: import.client_id,
-        client_secret: match import.credential {
-            ClientCredential::Secret(secret) => Some(secret),
+        client_secret: match &import.credential {
+            ClientCredential::Secret(secret) => Some(secret.clone()),
             ClientCredential::None | ClientCredential::PrivateKey(_) => None,
         },
+        client_key: match import.credential {
+            ClientCredential::PrivateKey(key) => Some(key),
+            ClientCredential::None | ClientCredential::Secret(_) => None,
+        },
+        client_auth: import.client_auth,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: import.scopes.clone(),
         audience: None,
         endpoints,
@@ -807,6 +864,7 @@ pub fn record_from_response(
             issued_at: now_secs,
             expires_at: now_secs + lifetime,
             scopes: granted.unwrap_or(import.scopes),
+            lifetime_source: Some(lifetime_source),
         }),
         generation: 1,
     }

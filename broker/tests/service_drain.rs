@@ -30,6 +30,10 @@ fn record(name: &str) -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: None,
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec![],
         audience: None,
         endpoints: Endpoints {
@@ -39,6 +43,7 @@ fn record(name: &str) -> ProfileRecord {
         subject: None,
         refresh_token: Some(Secret::from("rt")),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::from("at"),
             token_type: "Bearer".into(),
             issued_at: u64::MAX / 4,

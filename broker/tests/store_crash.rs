@@ -24,6 +24,7 @@ fn rotate(record: &mut ProfileRecord, generation: u64) {
     record.generation = generation;
     record.refresh_token = Some(Secret::new(format!("rt-{generation}")));
     record.access_token = Some(StoredAccessToken {
+        lifetime_source: None,
         token: Secret::new(format!("at-{generation}")),
         token_type: "Bearer".into(),
         issued_at: generation,
@@ -39,6 +40,10 @@ fn initial() -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: None,
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into()],
         audience: None,
         endpoints: Endpoints {

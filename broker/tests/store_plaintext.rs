@@ -23,6 +23,10 @@ fn record(rt: &str, at: &str, secret: &str, generation: u64) -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: Some(Secret::from(secret)),
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into()],
         audience: None,
         endpoints: Endpoints {
@@ -32,6 +36,7 @@ fn record(rt: &str, at: &str, secret: &str, generation: u64) -> ProfileRecord {
         subject: None,
         refresh_token: Some(Secret::from(rt)),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::from(at),
             token_type: "Bearer".into(),
             issued_at: 1,

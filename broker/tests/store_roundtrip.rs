@@ -21,6 +21,10 @@ fn record(name: &str, generation: u64) -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: Some(Secret::from("client-secret")),
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into(), "offline_access".into()],
         audience: Some("api".into()),
         endpoints: Endpoints {
@@ -31,6 +35,7 @@ fn record(name: &str, generation: u64) -> ProfileRecord {
         subject: Some("alice@example".into()),
         refresh_token: Some(Secret::new(format!("rt-{generation}"))),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::new(format!("at-{generation}")),
             token_type: "Bearer".into(),
             issued_at: 1_700_000_000,

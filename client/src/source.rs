@@ -55,6 +55,13 @@ enum Cached {
     Token { token: Token, fresh_until_ms: u64 },
     /// The refresh token is dead. Sticky until the broker pushes a new token.
     Reauth { message: String },
+    /// The IdP rejects the profile's client; the broker keeps the grant. The
+    /// last token is served (without IPC) until it expires, then the error is.
+    /// Sticky until the broker pushes a new token.
+    ClientRejected {
+        message: String,
+        token: Option<Token>,
+    },
 }
 
 struct State {
@@ -129,9 +136,23 @@ impl State {
             }
             WatchEvent::ReauthRequired { message, .. } => self.set_reauth(message),
             WatchEvent::Removed { .. } => self.set(Cached::Empty),
-            // The broker keeps serving the current token while it is valid.
-            WatchEvent::State { .. } | WatchEvent::ClientRejected { .. } => {}
+            WatchEvent::ClientRejected { message, .. } => self.set_client_rejected(message),
+            WatchEvent::State { .. } => {}
         }
+    }
+
+    /// Keeps the cached token (it stays valid until it expires) and remembers
+    /// the rejection, so an expired token costs no IPC either.
+    fn set_client_rejected(&self, message: String) {
+        let token = match &**self.cache.load() {
+            Cached::Token { token, .. } => Some(token.clone()),
+            Cached::ClientRejected { token, .. } => token.clone(),
+            Cached::Empty | Cached::Reauth { .. } => None,
+        };
+        if !matches!(**self.cache.load(), Cached::ClientRejected { .. }) {
+            tracing::warn!(profile = %self.profile, "broker reports that the identity provider rejects the client; the fix is `broker-ctl client`");
+        }
+        self.set(Cached::ClientRejected { message, token });
     }
 
     fn set_reauth(&self, message: String) {
@@ -183,6 +204,7 @@ impl State {
         match &result {
             Ok(t) => self.store_token(t),
             Err(Error::ReauthRequired { message, .. }) => self.set_reauth(message.clone()),
+            Err(Error::ClientRejected { message, .. }) => self.set_client_rejected(message.clone()),
             Err(_) => {}
         }
         result
@@ -261,7 +283,9 @@ impl Drop for Handle {
 /// whenever the broker pushes one, so [`TokenSource::token`] is a lock-free
 /// memory read while the token is fresh. When stale or absent it falls back to
 /// `GetToken`. After the broker restarts it reconnects with backoff (50 ms
-/// doubling to 2 s). `ReauthRequired` is sticky, answered without IPC, until the
+/// doubling to 2 s). `ClientRejected` serves the last token until it expires,
+/// then answers `Error::ClientRejected`, without IPC, until the broker pushes a
+/// new token (after `broker-ctl client`). `ReauthRequired` is sticky, answered without IPC, until the
 /// broker pushes a new token. Clones share everything; the task stops when the
 /// last clone is dropped.
 #[derive(Clone)]
@@ -394,6 +418,17 @@ impl TokenSource for BrokerTokenSource {
                 profile: state.profile.clone(),
                 message: message.clone(),
             })),
+            // No new token will come until the client is fixed: serve the last
+            // one while it is valid at all, then the rejection.
+            Cached::ClientRejected { message, token } => Some(
+                match token.as_ref().filter(|t| t.expires_at * 1000 > now_ms()) {
+                    Some(t) => Ok(t.clone()),
+                    None => Err(Error::ClientRejected {
+                        profile: state.profile.clone(),
+                        message: message.clone(),
+                    }),
+                },
+            ),
             // Nothing cached: the broker's own margin is the right one.
             _ => None,
         };
@@ -416,6 +451,13 @@ impl TokenSource for BrokerTokenSource {
             Cached::Token { token, .. } if token.generation == generation => {
                 Arc::new(Cached::Empty)
             }
+            Cached::ClientRejected {
+                message,
+                token: Some(token),
+            } if token.generation == generation => Arc::new(Cached::ClientRejected {
+                message: message.clone(),
+                token: None,
+            }),
             _ => cur.clone(),
         });
         let stale = stale.clone();

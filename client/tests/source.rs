@@ -126,6 +126,58 @@ async fn reauth_pushed_is_sticky_until_a_new_token() {
     assert_eq!(src.token().await.unwrap().generation, 8);
 }
 
+fn client_rejected() -> WatchEvent {
+    WatchEvent::ClientRejected {
+        profile: "default".into(),
+        message: "the identity provider rejected client `cli`; run `broker-ctl client`".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_client_keeps_serving_the_valid_token_without_ipc() {
+    let mock = Mock::start(serving(7));
+    mock.set_initial(vec![push_token(1, 3600), client_rejected()]);
+    let src = source(&mock);
+    let mut rx = src.updates();
+    tokio::time::timeout(NET, rx.wait_for(|n| *n >= 2))
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(src.token().await.unwrap().generation, 1);
+    }
+    assert_eq!(mock.count(is_get), 0);
+}
+
+#[tokio::test]
+async fn a_rejected_client_without_a_valid_token_is_an_error_until_a_new_token() {
+    let mock = Mock::start(serving(7));
+    // A token that has already expired, then the rejection.
+    mock.set_initial(vec![push_token(1, 0), client_rejected()]);
+    let src = source(&mock);
+    let mut rx = src.updates();
+    tokio::time::timeout(NET, rx.wait_for(|n| *n >= 2))
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..10 {
+        let err = src.token().await.unwrap_err();
+        assert!(
+            matches!(err, Error::ClientRejected { ref message, .. } if message.contains("broker-ctl client")),
+            "{err:?}"
+        );
+    }
+    assert_eq!(
+        mock.count(is_get),
+        0,
+        "the rejection is sticky and costs no IPC"
+    );
+    // `broker-ctl client` fixed it: the broker pushes the new token.
+    mock.push(push_token(2, 3600));
+    until(&src, |s| s.cached_generation() == Some(2)).await;
+    assert_eq!(src.token().await.unwrap().generation, 2);
+}
+
 #[tokio::test]
 async fn reauth_from_get_token_is_sticky_too() {
     let mock = Mock::start(handler(|r| async move {

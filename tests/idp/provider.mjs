@@ -16,7 +16,13 @@
 //  (`{ refresh_token_grants, refresh_token_grant_errors, refresh_token_replays, ... }`
 //  seen by this process) and
 //  `POST /test/delete-access-token` (form `token`: that access token alone dies) and
-//  `POST /test/hydra-rotation` (form `enabled`: delete the old access token on refresh).
+//  `POST /test/hydra-rotation` (form `enabled`: delete the old access token on refresh),
+//  `POST /test/client-secret` (form `client_id`, `client_secret`: change a dynamically
+//  registered client's secret, as an admin rotating it would). `/test/stats` also has
+//  `client_auth`: per client id, how many token/revocation/device calls came with
+//  each client authentication method (`client_secret_basic`, `client_secret_post`,
+//  `private_key_jwt`, `none`). Clients registered with `client_secret_post` get
+//  `invalid_client` for HTTP Basic, as at Auth0 (oidc-provider alone accepts both).
 // =====================================================================================
 
 import http from 'node:http';
@@ -73,6 +79,17 @@ const provider = new Provider(issuer, {
       grant_types: ['authorization_code', 'refresh_token', DEVICE_CODE_GRANT],
       response_types: ['code'],
       // A native client accepts any loopback port for this redirect (RFC 8252 §7.3).
+      redirect_uris: ['http://127.0.0.1:8765/callback'],
+    },
+    {
+      // Fixed to client_secret_post although discovery lists both secret
+      // methods, as Auth0 does per client: Basic is refused (see below).
+      client_id: 'kontext-post',
+      client_secret: confidentialSecret,
+      application_type: 'native',
+      token_endpoint_auth_method: 'client_secret_post',
+      grant_types: ['authorization_code', 'refresh_token', DEVICE_CODE_GRANT],
+      response_types: ['code'],
       redirect_uris: ['http://127.0.0.1:8765/callback'],
     },
     {
@@ -236,6 +253,81 @@ provider.use(async (ctx, next) => {
       stats.access_tokens_deleted_on_rotation += 1;
     }
   }
+});
+
+// TEST-ONLY instrumentation: which client authentication method each call to
+// the token, revocation and device authorization endpoints carried, per client.
+stats.client_auth = {};
+provider.use(async (ctx, next) => {
+  if (
+    ctx.method === 'POST'
+    && ['/token', '/token/revocation', '/device/auth'].includes(ctx.path)
+  ) {
+    // oidc-provider itself accepts either secret method from any secret
+    // client. Auth0 and others fix the method per client: so does this fixture
+    // for clients registered with client_secret_post, refusing HTTP Basic.
+    const basic = ctx.get('authorization');
+    if (basic.startsWith('Basic ')) {
+      const decoded = Buffer.from(basic.slice(6), 'base64').toString('utf8');
+      const id = decodeURIComponent(decoded.split(':')[0].replace(/\+/g, ' '));
+      const client = await provider.Client.find(id);
+      if (client?.tokenEndpointAuthMethod === 'client_secret_post') {
+        stats.client_auth[id] ??= {};
+        stats.client_auth[id].client_secret_basic = (stats.client_auth[id].client_secret_basic ?? 0) + 1;
+        ctx.status = 401;
+        ctx.set('WWW-Authenticate', 'Basic realm="oidc-provider"');
+        ctx.body = {
+          error: 'invalid_client',
+          error_description: 'client authentication failed (this client must use client_secret_post)',
+        };
+        return;
+      }
+    }
+    await next();
+    // The parsed form (client auth fields are kept even when auth failed).
+    const params = ctx.oidc?.params ?? {};
+    let clientId = params.client_id;
+    let method = 'none';
+    const authz = ctx.get('authorization');
+    if (authz.startsWith('Basic ')) {
+      method = 'client_secret_basic';
+      const decoded = Buffer.from(authz.slice(6), 'base64').toString('utf8');
+      clientId = decodeURIComponent(decoded.split(':')[0].replace(/\+/g, ' '));
+    } else if (params.client_assertion) {
+      method = 'private_key_jwt';
+    } else if (params.client_secret) {
+      method = 'client_secret_post';
+    }
+    clientId ??= '?';
+    stats.client_auth[clientId] ??= {};
+    stats.client_auth[clientId][method] = (stats.client_auth[clientId][method] ?? 0) + 1;
+    return;
+  }
+  await next();
+});
+
+// TEST-ONLY: change a dynamically registered client's secret, as an admin
+// rotating it at the IdP would. Static clients cannot change; register one.
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/test/client-secret') {
+    await next();
+    return;
+  }
+  if (ctx.method !== 'POST') {
+    ctx.status = 405;
+    return;
+  }
+  const params = await readBody(ctx.req);
+  const properties = await provider.Client.adapter.find(String(params.client_id ?? ''));
+  if (!properties || !params.client_secret) {
+    ctx.status = 404;
+    return;
+  }
+  await provider.Client.adapter.upsert(params.client_id, {
+    ...properties,
+    client_secret: String(params.client_secret),
+  });
+  ctx.status = 204;
 });
 
 // TEST-ONLY: the counters above, as JSON.

@@ -101,6 +101,15 @@ pub struct FakeIdpConfig {
     pub scope: String,
     /// Subject of minted grants, answered by userinfo.
     pub subject: String,
+    /// The secret must come as `client_secret` in the form body
+    /// (`client_secret_post`); HTTP Basic is refused, and discovery lists only
+    /// `client_secret_post`. Needs [`FakeIdpConfig::require_client_secret`].
+    pub client_secret_post_only: bool,
+    /// Access tokens are JWT-shaped (`header.payload.sig`, unsigned) with an
+    /// `exp` claim, like RFC 9068 tokens.
+    pub jwt_access_tokens: bool,
+    /// Token responses (minted and refreshed) leave `expires_in` out.
+    pub omit_expires_in: bool,
 }
 
 impl Default for FakeIdpConfig {
@@ -113,6 +122,9 @@ impl Default for FakeIdpConfig {
             require_client_secret: None,
             scope: "openid offline_access".to_owned(),
             subject: "fake-user".to_owned(),
+            client_secret_post_only: false,
+            jwt_access_tokens: false,
+            omit_expires_in: false,
         }
     }
 }
@@ -142,6 +154,8 @@ pub enum Failure {
     InvalidGrant,
     /// `401` with `{"error":"invalid_client"}` and a `WWW-Authenticate` header.
     InvalidClient,
+    /// `400` with `{"error":"unauthorized_client"}`.
+    UnauthorizedClient,
     /// `400` with `{"error":"invalid_request"}`.
     InvalidRequest,
     /// `503` with `{"error":"temporarily_unavailable"}`.
@@ -216,6 +230,8 @@ struct State {
     /// When set, the revocation endpoint answers this status (after counting the call).
     revocation_status: Option<u16>,
     oidc: oidc::OidcState,
+    /// Token and revocation calls that carried HTTP Basic credentials.
+    basic_auth_calls: u64,
 }
 
 struct Grant {
@@ -319,14 +335,23 @@ impl FakeIdp {
                 state: RefreshState::Current,
             },
         );
-        let (access, ttl) = st.issue_access_token(grant);
-        json!({
+        let (access, ttl) = st.issue_access_token(grant, self.shared.config.jwt_access_tokens);
+        let mut body = json!({
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": ttl,
             "refresh_token": refresh,
             "scope": self.shared.config.scope,
-        })
+        });
+        if self.shared.config.omit_expires_in {
+            body.as_object_mut().map(|o| o.remove("expires_in"));
+        }
+        body
+    }
+
+    /// Token and revocation calls that carried HTTP Basic credentials.
+    pub fn basic_auth_calls(&self) -> u64 {
+        self.shared.lock().basic_auth_calls
     }
 
     /// Token-endpoint calls received so far, counted on arrival: every call counts,
@@ -482,9 +507,13 @@ impl Shared {
 }
 
 impl State {
-    fn issue_access_token(&mut self, grant: u64) -> (String, u64) {
-        let token = new_token("at");
+    fn issue_access_token(&mut self, grant: u64, jwt: bool) -> (String, u64) {
         let ttl = self.ttl_secs;
+        let token = if jwt {
+            jwt_token(SystemTime::now() + Duration::from_secs(ttl))
+        } else {
+            new_token("at")
+        };
         self.access_tokens.insert(
             token.clone(),
             AccessEntry {
@@ -511,6 +540,20 @@ impl State {
             .get(token)
             .is_some_and(|at| self.grant_alive(at.grant) && SystemTime::now() < at.expires_at)
     }
+}
+
+/// An unsigned JWT-shaped access token whose `exp` is `expires` (whole seconds,
+/// rounded down, as IdPs compute it), with a random `jti`.
+fn jwt_token(expires: SystemTime) -> String {
+    let enc = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let exp = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{}.{}.fake-signature",
+        enc(json!({ "alg": "RS256", "typ": "at+jwt" })),
+        enc(json!({ "sub": "fake-user", "exp": exp, "jti": new_token("jti") }))
+    )
 }
 
 fn new_token(kind: &str) -> String {
@@ -593,6 +636,11 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
 /// endpoints the broker uses.
 fn metadata(shared: &Shared, with_revocation: bool) -> Value {
     let issuer = &shared.issuer;
+    let auth_methods = if shared.config.client_secret_post_only {
+        json!(["client_secret_post"])
+    } else {
+        json!(["none", "client_secret_basic"])
+    };
     let mut doc = json!({
         "issuer": issuer,
         "authorization_endpoint": format!("{issuer}/authorize"),
@@ -605,7 +653,7 @@ fn metadata(shared: &Shared, with_revocation: bool) -> Value {
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
         "grant_types_supported": ["authorization_code", "refresh_token"],
-        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic"],
+        "token_endpoint_auth_methods_supported": auth_methods,
         "code_challenge_methods_supported": ["S256"],
         "scopes_supported": ["openid", "offline_access"],
     });
@@ -679,6 +727,13 @@ fn client_authenticated(
             Some((form_decode(id), form_decode(secret)))
         });
     match &config.require_client_secret {
+        Some(expected) if config.client_secret_post_only => {
+            basic.is_none()
+                && form.get("client_id") == Some(&config.client_id)
+                && form
+                    .get("client_secret")
+                    .is_some_and(|s| constant_time_eq(s.as_bytes(), expected.as_bytes()))
+        }
         Some(expected) => basic.is_some_and(|(id, secret)| {
             id == config.client_id && constant_time_eq(secret.as_bytes(), expected.as_bytes())
         }),
@@ -791,6 +846,9 @@ fn plan_token_call(
     let Some(form) = form else {
         return TokenPlan::Answer(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
     };
+    if parts.headers.contains_key(header::AUTHORIZATION) {
+        st.basic_auth_calls += 1;
+    }
     if !client_authenticated(&shared.config, parts, &form) {
         return TokenPlan::Answer(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
     }
@@ -855,7 +913,7 @@ fn finish_refresh(shared: &Shared, token: &str, with_expires_in: bool) -> Respon
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
     }
     st.access_tokens.retain(|_, at| at.grant != grant);
-    let (access, ttl) = st.issue_access_token(grant);
+    let (access, ttl) = st.issue_access_token(grant, shared.config.jwt_access_tokens);
     st.refresh_successes += 1;
     let mut body = json!({
         "access_token": access,
@@ -877,7 +935,7 @@ fn finish_refresh(shared: &Shared, token: &str, with_expires_in: bool) -> Respon
         }
         body["refresh_token"] = Value::String(refresh);
     }
-    if !with_expires_in {
+    if !with_expires_in || shared.config.omit_expires_in {
         if let Some(obj) = body.as_object_mut() {
             obj.remove("expires_in");
         }
@@ -917,6 +975,9 @@ async fn scripted_reply(failure: Failure) -> Reply {
         Failure::InvalidClient => {
             Reply::Http(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"))
         }
+        Failure::UnauthorizedClient => {
+            Reply::Http(oauth_error(StatusCode::BAD_REQUEST, "unauthorized_client"))
+        }
         Failure::InvalidRequest => {
             Reply::Http(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"))
         }
@@ -942,6 +1003,9 @@ async fn revocation_endpoint(shared: &Shared, req: Request<Incoming>) -> Reply {
         return json_reply(status, json!({ "error": "server_error" }));
     }
     let (parts, form) = read_form(req).await;
+    if parts.headers.contains_key(header::AUTHORIZATION) {
+        shared.lock().basic_auth_calls += 1;
+    }
     let Some(form) = form else {
         return json_reply(
             StatusCode::BAD_REQUEST,

@@ -21,6 +21,9 @@ pub const PUBLIC_CLIENT_ID: &str = "kontext-cli";
 pub const CONFIDENTIAL_CLIENT_ID: &str = "kontext-confidential";
 /// The confidential client's secret: a fixed test value, mirrored in provider.mjs.
 pub const CONFIDENTIAL_CLIENT_SECRET: &str = "kontext-confidential-test-secret-not-for-production";
+/// A confidential client fixed to `client_secret_post` (same secret and grants as
+/// [`CONFIDENTIAL_CLIENT_ID`]), although discovery lists both secret methods.
+pub const POST_CLIENT_ID: &str = "kontext-post";
 /// Redirect URI registered for both clients.
 pub const REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
 
@@ -146,6 +149,66 @@ impl OidcProvider {
             "introspection failed with {status}: {body}"
         );
         body["active"].as_bool().unwrap_or(false)
+    }
+
+    /// Registers a client dynamically (RFC 7591): `metadata` (a JSON object) over
+    /// native-app defaults with the code and refresh grants and the loopback
+    /// redirect. Returns the registration response (`client_id`, `client_secret`...).
+    pub async fn register(&self, metadata: Value) -> Value {
+        let mut body = serde_json::json!({
+            "application_type": "native",
+            "redirect_uris": [REDIRECT_URI],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+        });
+        for (k, v) in metadata.as_object().expect("metadata is an object") {
+            body[k] = v.clone();
+        }
+        let resp = self
+            .http
+            .post(format!("{}/reg", self.issuer))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /reg");
+        let status = resp.status();
+        let answer: Value = resp.json().await.expect("registration answers JSON");
+        assert!(
+            status.is_success(),
+            "registration failed with {status}: {answer}"
+        );
+        answer
+    }
+
+    /// Changes a dynamically registered client's secret, as an admin rotating it
+    /// at the IdP would (test-only route `POST /test/client-secret`).
+    pub async fn set_client_secret(&self, client_id: &str, secret: &str) {
+        let resp = self
+            .http
+            .post(format!("{}/test/client-secret", self.issuer))
+            .form(&[("client_id", client_id), ("client_secret", secret)])
+            .send()
+            .await
+            .expect("POST /test/client-secret");
+        assert_eq!(resp.status().as_u16(), 204, "changing the client secret");
+    }
+
+    /// How many calls of `client_id` to the token, revocation and device
+    /// endpoints carried client authentication `method` (`client_secret_basic`,
+    /// `client_secret_post`, `private_key_jwt`, `none`), counted by the provider.
+    pub async fn client_auth_calls(&self, client_id: &str, method: &str) -> u64 {
+        let stats: Value = self
+            .http
+            .get(format!("{}/test/stats", self.issuer))
+            .send()
+            .await
+            .expect("GET /test/stats")
+            .json()
+            .await
+            .expect("stats answer JSON");
+        stats["client_auth"][client_id][method]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// Stops the provider and starts a new one on the same port and issuer.

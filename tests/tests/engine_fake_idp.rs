@@ -19,10 +19,35 @@ async fn fake() -> FakeIdp {
     FakeIdp::start(FakeIdpConfig::default()).await
 }
 
-/// A minted grant whose access token is already expired, so the next request refreshes.
+/// A minted grant whose access token lives the shortest lifetime the broker
+/// believes (1 s); see [`import_expired`].
 fn expired(mut response: Value) -> Value {
     response["expires_in"] = 0.into();
     response
+}
+
+/// Imports an [`expired`] grant and waits for the known instant its access
+/// token expires (a lifetime below 1 s counts as 1 s), so the next request refreshes.
+async fn import_expired(client: &BrokerClient, profile: &str, idp: &FakeIdp) {
+    let status = import(
+        client,
+        profile,
+        &idp.issuer(),
+        idp.client_id(),
+        &expired(idp.mint()),
+    )
+    .await;
+    let expires_ms = status.access_token_expires_at.expect("a token") * 1000;
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        if now_ms >= expires_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(expires_ms - now_ms)).await;
+    }
 }
 
 fn broker() -> BrokerProcess {
@@ -41,11 +66,19 @@ async fn imported(grant: Grant) -> (FakeIdp, BrokerProcess, BrokerClient) {
     let idp = fake().await;
     let broker = broker();
     let client = connect(broker.socket()).await;
-    let minted = match grant {
-        Grant::Fresh => idp.mint(),
-        Grant::Expired => expired(idp.mint()),
-    };
-    import(&client, PROFILE, &idp.issuer(), idp.client_id(), &minted).await;
+    match grant {
+        Grant::Fresh => {
+            import(
+                &client,
+                PROFILE,
+                &idp.issuer(),
+                idp.client_id(),
+                &idp.mint(),
+            )
+            .await;
+        }
+        Grant::Expired => import_expired(&client, PROFILE, &idp).await,
+    }
     (idp, broker, client)
 }
 
@@ -165,14 +198,7 @@ async fn transient_failures_keep_serving_the_valid_token_and_fail_fast_after_exp
     );
 
     // Expired token, IdP failing: IdpUnavailable at once, never a hang.
-    import(
-        &client,
-        "other",
-        &idp.issuer(),
-        idp.client_id(),
-        &expired(idp.mint()),
-    )
-    .await;
+    import_expired(&client, "other", &idp).await;
     idp.push_failure(Failure::TemporarilyUnavailable);
     let started = Instant::now();
     let err = client.get_token("other", Duration::ZERO).await.unwrap_err();
@@ -377,28 +403,24 @@ async fn an_rfc8414_only_issuer_is_discovered_and_refreshed() {
     .await;
     let broker = broker();
     let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &expired(idp.mint()),
-    )
-    .await;
+    import_expired(&client, PROFILE, &idp).await;
     let token = client.get_token(PROFILE, Duration::ZERO).await.unwrap();
     assert_eq!(token.generation, 2);
     assert!(idp.access_token_valid(token.access_token.expose()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_client_also_means_reauth() {
+async fn invalid_client_blames_the_client_and_keeps_the_grant() {
     let (idp, _broker, client) = imported(Grant::Expired).await;
     idp.push_failure(Failure::InvalidClient);
     let err = client.get_token(PROFILE, Duration::ZERO).await.unwrap_err();
-    assert!(matches!(err, Error::ReauthRequired { .. }), "{err:?}");
-    assert!(matches!(
-        client.refresh(PROFILE).await,
-        Err(Error::ReauthRequired { .. })
-    ));
+    assert!(matches!(err, Error::ClientRejected { .. }), "{err:?}");
+    // No further IdP call for requests...
+    let err = client.get_token(PROFILE, Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, Error::ClientRejected { .. }), "{err:?}");
     assert_eq!(idp.token_calls(), 1);
+    // ...but a forced refresh tries once more, and the kept grant still works.
+    let token = client.refresh(PROFILE).await.expect("the grant was kept");
+    assert_eq!(idp.token_calls(), 2);
+    assert!(idp.access_token_valid(token.access_token.expose()));
 }

@@ -213,6 +213,10 @@ async fn status_lists_four_hundred_profiles_with_long_names() {
                     issuer: issuer.clone(),
                     client_id: "c".repeat(256),
                     client_secret: None,
+                    client_key: None,
+                    client_auth: None,
+                    client_auth_detected: None,
+                    client_rejected: None,
                     scopes: vec!["openid".into()],
                     audience: None,
                     endpoints: Endpoints {
@@ -227,6 +231,7 @@ async fn status_lists_four_hundred_profiles_with_long_names() {
                         issued_at: 4_000_000_000,
                         expires_at: 4_000_003_600,
                         scopes: vec!["openid".into()],
+                        lifetime_source: None,
                     }),
                     generation: 1,
                 })

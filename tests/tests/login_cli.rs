@@ -70,7 +70,7 @@ fn args(idp: &OidcProvider, profile: &str) -> LoginArgs {
         profile: profile.into(),
         issuer: idp.issuer().into(),
         client_id: Some(PUBLIC_CLIENT_ID.into()),
-        client_secret_file: None,
+        credential: Default::default(),
         scopes: Vec::new(),
         device: false,
         no_browser: true,

@@ -95,7 +95,7 @@ fn args(idp: &FakeIdp, device: bool) -> LoginArgs {
         profile: "rp".into(),
         issuer: idp.issuer(),
         client_id: Some(idp.client_id().to_owned()),
-        client_secret_file: None,
+        credential: Default::default(),
         scopes: Vec::new(),
         device,
         no_browser: true,

@@ -7,7 +7,7 @@
 //! the login (exit 130, nothing stored); `--timeout` bounds the wait for the user.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use kontext_broker_protocol::{paths, ClientCredential, ImportRequest, DEFAULT_PROFILE};
 
 use super::render::escape_controls;
-use super::{connect, exit, read_secret_file, rfc3339, Failure};
+use super::{connect, exit, rfc3339, CredentialArgs, Failure};
 use crate::config::Config;
 use crate::idp::Http;
 use crate::login::{self, Flow, LoginError, LoginOptions, LoginUi};
@@ -37,9 +37,9 @@ pub struct LoginArgs {
         conflicts_with = "register"
     )]
     pub client_id: Option<String>,
-    /// File holding the client secret (never pass secrets as arguments).
-    #[arg(long, value_name = "FILE", conflicts_with = "register")]
-    pub client_secret_file: Option<PathBuf>,
+    /// The client's credential (not with --register, which makes a public client).
+    #[command(flatten)]
+    pub credential: CredentialArgs,
     /// Scope (repeatable); default `openid`. `offline_access` is added unless
     /// the server lists scopes without it.
     #[arg(long = "scope", value_name = "S")]
@@ -126,6 +126,7 @@ fn failure(e: LoginError) -> Failure {
     let code = match &e {
         e if e.is_transient() => exit::IDP_UNAVAILABLE,
         LoginError::Usage(_) => exit::USAGE,
+        LoginError::ClientRejected { .. } => exit::CLIENT_REJECTED,
         _ => exit::OTHER,
     };
     Failure {
@@ -181,10 +182,27 @@ pub async fn run_until(
         &config.extra_root_certs,
     )
     .map_err(|e| Failure::other(e.to_string()))?;
-    let client_secret = match &args.client_secret_file {
-        Some(f) => Some(read_secret_file(f)?),
-        None => None,
+    if args.register
+        && (args.credential.client_secret_file.is_some()
+            || args.credential.client_key_file.is_some())
+    {
+        return Err(Failure {
+            code: exit::USAGE,
+            message:
+                "--register makes a public client; drop --client-secret-file/--client-key-file"
+                    .into(),
+        });
+    }
+    let (client_secret, client_key) = match args.credential.read()? {
+        ClientCredential::Secret(s) => (Some(s), None),
+        ClientCredential::PrivateKey(k) => (None, Some(k)),
+        ClientCredential::None => (None, None),
     };
+    // The flag wins; else the config file's setting for this profile.
+    let client_auth = args
+        .credential
+        .client_auth
+        .or_else(|| config.client_auth_for(&args.profile));
     let flow = if args.device {
         Flow::Device
     } else {
@@ -198,6 +216,8 @@ pub async fn run_until(
         endpoints: endpoints.clone(),
         client_id: args.client_id.clone(),
         client_secret,
+        client_key,
+        client_auth,
         scopes: args.scopes.clone(),
         flow,
         register: args.register,
@@ -225,10 +245,12 @@ pub async fn run_until(
             profile: args.profile.clone(),
             issuer: args.issuer.clone(),
             client_id: outcome.client_id.clone(),
-            credential: outcome
-                .client_secret
-                .map_or(ClientCredential::None, ClientCredential::Secret),
-            client_auth: None,
+            credential: match (outcome.client_key, outcome.client_secret) {
+                (Some(key), _) => ClientCredential::PrivateKey(key),
+                (None, Some(secret)) => ClientCredential::Secret(secret),
+                (None, None) => ClientCredential::None,
+            },
+            client_auth: outcome.client_auth,
             scopes: outcome.scopes,
             endpoints,
             token_response: outcome.token_response,
@@ -323,5 +345,62 @@ mod tests {
         assert_eq!(a.profile, "p");
         assert_eq!(a.client_id.as_deref(), Some("c"));
         assert!(Cli::try_parse_from(["broker-ctl", "doctor"]).is_ok());
+    }
+
+    #[test]
+    fn credential_flags_parse_and_conflict() {
+        let a = parse(&[
+            "--issuer",
+            "https://idp.example",
+            "--client-id",
+            "c",
+            "--client-key-file",
+            "/k.pem",
+            "--client-auth",
+            "private_key_jwt",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.credential.client_key_file.as_deref(),
+            Some(std::path::Path::new("/k.pem"))
+        );
+        assert_eq!(
+            a.credential.client_auth,
+            Some(kontext_broker_protocol::ClientAuthMethod::PrivateKeyJwt)
+        );
+        let e = parse(&[
+            "--issuer",
+            "x",
+            "--client-id",
+            "c",
+            "--client-secret-file",
+            "/s",
+            "--client-key-file",
+            "/k",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let e = parse(&[
+            "--issuer",
+            "x",
+            "--client-id",
+            "c",
+            "--client-auth",
+            "basic",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        let client = Cli::try_parse_from([
+            "broker-ctl",
+            "client",
+            "--profile",
+            "p",
+            "--client-secret-file",
+            "/s",
+            "--client-auth",
+            "client_secret_post",
+        ])
+        .unwrap();
+        assert!(matches!(client.command, Command::Client { .. }));
     }
 }

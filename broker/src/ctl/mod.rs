@@ -18,7 +18,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use futures::StreamExt;
 use kontext_broker_client::{BrokerClient, Error as ClientError};
 use kontext_broker_protocol::{
-    paths, ClientCredential, ImportRequest, Request, Response, Secret, Token, DEFAULT_PROFILE,
+    paths, ClientAuthMethod, ClientCredential, ImportRequest, Request, Response, Secret,
+    SetClientRequest, Token, DEFAULT_PROFILE,
 };
 
 pub use render::{escape_controls, rfc3339, status_json, status_table, watch_json, watch_line};
@@ -184,14 +185,24 @@ pub enum Command {
         /// OAuth client id the tokens were issued to.
         #[arg(long, value_name = "ID")]
         client_id: String,
-        /// File holding the client secret (never pass secrets as arguments).
-        #[arg(long, value_name = "FILE")]
-        client_secret_file: Option<PathBuf>,
+        /// The client's credential, from files (never as arguments).
+        #[command(flatten)]
+        credential: CredentialArgs,
         /// Scope (repeatable).
         #[arg(long = "scope", value_name = "S")]
         scopes: Vec<String>,
         #[command(flatten)]
         endpoints: endpoints::EndpointArgs,
+    },
+    /// Replace a profile's client credential, keep its grant, and refresh at once
+    /// (the way out of `client_rejected` after a secret rotation).
+    Client {
+        /// Profile name.
+        #[arg(long, default_value = DEFAULT_PROFILE, value_parser = profile_name)]
+        profile: String,
+        /// The new credential.
+        #[command(flatten)]
+        credential: CredentialArgs,
     },
     /// Revoke the refresh token at the IdP and delete the profile (exit 9: deleted, not revoked).
     Logout {
@@ -214,6 +225,46 @@ pub enum Command {
     Login(login::LoginArgs),
     /// Check paths, permissions, the broker, IdP discovery and clock skew.
     Doctor,
+}
+
+/// A client credential given on the command line: a secret file or a key file
+/// (PEM, RSA or EC P-256, for `private_key_jwt`), and optionally the method.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CredentialArgs {
+    /// File holding the client secret (never pass secrets as arguments).
+    #[arg(long, value_name = "FILE", conflicts_with = "client_key_file")]
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM private key (RSA or EC P-256) for `private_key_jwt` client authentication.
+    #[arg(long, value_name = "FILE")]
+    pub client_key_file: Option<PathBuf>,
+    /// Client authentication method: client_secret_basic, client_secret_post,
+    /// private_key_jwt or none [default: from the server's metadata].
+    #[arg(long, value_name = "METHOD", value_parser = auth_method)]
+    pub client_auth: Option<ClientAuthMethod>,
+}
+
+impl CredentialArgs {
+    /// Reads the files into a credential. Errors name the file, never its content.
+    pub fn read(&self) -> Result<ClientCredential, Failure> {
+        Ok(match (&self.client_secret_file, &self.client_key_file) {
+            (Some(f), _) => ClientCredential::Secret(read_secret_file(f)?),
+            (None, Some(f)) => {
+                let key = read_key_file(f)?;
+                crate::idp::client_auth::check_client_key(&key).map_err(|e| Failure {
+                    code: exit::USAGE,
+                    message: format!("{}: {e}", f.display()),
+                })?;
+                ClientCredential::PrivateKey(key)
+            }
+            (None, None) => ClientCredential::None,
+        })
+    }
+}
+
+fn auth_method(s: &str) -> Result<ClientAuthMethod, String> {
+    ClientAuthMethod::parse(s).ok_or_else(|| {
+        "use client_secret_basic, client_secret_post, private_key_jwt or none".to_owned()
+    })
 }
 
 /// Checks a `--profile` value locally, so a typo is a usage error (exit 2).
@@ -370,24 +421,21 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
             profile,
             issuer,
             client_id,
-            client_secret_file,
+            credential,
             scopes,
             endpoints,
         } => {
             let token_response = read_token_response(input)?;
-            let client_secret = match client_secret_file {
-                Some(f) => Some(read_secret_file(&f)?),
-                None => None,
-            };
+            let client_auth = credential.client_auth;
+            let credential = credential.read()?;
             let p = connect(socket)
                 .await?
                 .import(ImportRequest {
                     profile,
                     issuer,
                     client_id,
-                    credential: client_secret
-                        .map_or(ClientCredential::None, ClientCredential::Secret),
-                    client_auth: None,
+                    credential,
+                    client_auth,
                     scopes,
                     endpoints: endpoints.overrides(),
                     token_response,
@@ -400,6 +448,37 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
                 p.state.as_str(),
                 p.access_token_expires_at
                     .map_or_else(|| "-".to_owned(), rfc3339)
+            )?;
+        }
+        Command::Client {
+            profile,
+            credential,
+        } => {
+            if credential.client_secret_file.is_none() && credential.client_key_file.is_none() {
+                return Err(Failure {
+                    code: exit::USAGE,
+                    message: "give the new credential with --client-secret-file FILE or --client-key-file FILE".into(),
+                });
+            }
+            let client_auth = credential.client_auth;
+            let credential = credential.read()?;
+            let r = connect(socket)
+                .await?
+                .request(Request::SetClient(SetClientRequest {
+                    profile: profile.clone(),
+                    credential,
+                    client_auth,
+                }))
+                .await?;
+            let Response::Token(t) = r else {
+                return Err(Failure::other(
+                    "unexpected answer from the broker to SetClient; check versions with `broker-ctl ping`",
+                ));
+            };
+            writeln!(
+                out,
+                "client of `{profile}` replaced; refreshed, {}",
+                describe(&t)
             )?;
         }
         Command::Logout { profile, no_revoke } => {
@@ -486,6 +565,22 @@ fn read_secret_file(path: &std::path::Path) -> Result<Secret, Failure> {
         )));
     }
     Ok(trimmed)
+}
+
+fn read_key_file(path: &std::path::Path) -> Result<Secret, Failure> {
+    let raw = Secret::new(std::fs::read_to_string(path).map_err(|e| {
+        Failure::other(format!(
+            "cannot read client key file {}: {e}",
+            path.display()
+        ))
+    })?);
+    if raw.expose().trim().is_empty() {
+        return Err(Failure::other(format!(
+            "client key file {} is empty; put a PEM private key in it",
+            path.display()
+        )));
+    }
+    Ok(raw)
 }
 
 fn read_passphrase_fd(fd: i32) -> Result<Secret, Failure> {

@@ -59,6 +59,7 @@ fn profile_json(p: &ProfileStatus) -> Value {
         "subject": p.subject,
         "state": p.state.as_str(),
         "access_token_expires_at": opt_time(p.access_token_expires_at),
+        "lifetime_source": p.lifetime_source.map(|l| l.as_str()),
         "generation": p.generation,
         "refresh_count": p.refresh_count,
         "refresh_failures": p.refresh_failures,
@@ -140,6 +141,7 @@ pub fn status_table(s: &StatusReport, now: u64) -> String {
         "PROFILE",
         "STATE",
         "EXPIRES",
+        "LIFETIME FROM",
         "GEN",
         "REFRESHES",
         "FAILURES",
@@ -148,7 +150,7 @@ pub fn status_table(s: &StatusReport, now: u64) -> String {
         "ISSUER",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 10]> = s
+    let rows: Vec<[String; 11]> = s
         .profiles
         .iter()
         .map(|p| {
@@ -156,6 +158,7 @@ pub fn status_table(s: &StatusReport, now: u64) -> String {
                 escape_controls(&p.name).into_owned(),
                 p.state.as_str().to_owned(),
                 relative(p.access_token_expires_at, now),
+                p.lifetime_source.map_or("-", |l| l.as_str()).to_owned(),
                 p.generation.to_string(),
                 p.refresh_count.to_string(),
                 p.refresh_failures.to_string(),

@@ -83,6 +83,7 @@ fn status_json_has_the_spec_schema() {
             "issuer",
             "last_error",
             "last_refresh_at",
+            "lifetime_source",
             "name",
             "next_refresh_at",
             "refresh_count",
@@ -97,6 +98,23 @@ fn status_json_has_the_spec_schema() {
     assert_eq!(p["next_refresh_at"], Value::Null);
     assert_eq!(p["generation"], 7);
     assert_eq!(p["last_error"], "invalid_grant");
+    assert_eq!(p["lifetime_source"], Value::Null);
+    for (source, name) in [
+        (
+            kontext_broker_protocol::LifetimeSource::ExpiresIn,
+            "expires_in",
+        ),
+        (kontext_broker_protocol::LifetimeSource::JwtExp, "jwt_exp"),
+        (kontext_broker_protocol::LifetimeSource::Default, "default"),
+    ] {
+        let mut with = profile("y");
+        with.lifetime_source = Some(source);
+        assert_eq!(
+            status_json(&report(vec![with.clone()]))["profiles"][0]["lifetime_source"],
+            name
+        );
+        assert!(status_table(&report(vec![with]), 0).contains(name));
+    }
     let mut none = profile("x");
     none.subject = None;
     none.last_error = None;

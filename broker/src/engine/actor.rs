@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use kontext_broker_protocol::{BrokerError, ProfileState, ProfileStatus, Token, WatchEvent};
+use kontext_broker_protocol::{
+    BrokerError, ClientAuthMethod, ClientCredential, ProfileState, ProfileStatus, Token, WatchEvent,
+};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -16,10 +18,6 @@ use super::{
 };
 use crate::clock::MAX_SLEEP;
 use crate::store::{ProfileRecord, StoredAccessToken};
-
-/// Lifetime assumed when the IdP omits `expires_in` and no earlier token tells us
-/// better. Short on purpose: a wrong guess costs one early refresh, not a 401 storm.
-const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Proactive refreshes never follow each other closer than this, whatever
 /// lifetime the IdP claims (a lying `expires_in` must not become a busy loop).
@@ -42,10 +40,11 @@ pub fn spawn(
         deps.config.backoff_max,
         deps.config.backoff_jitter,
     );
-    let phase = if record.refresh_token.is_some() {
-        Phase::Idle
-    } else {
-        Phase::ReauthRequired
+    let phase = Phase::of_record(&record);
+    let counters = Counters {
+        // Why the client was rejected before a restart, until a refresh says otherwise.
+        last_error: record.client_rejected.clone(),
+        ..Counters::default()
     };
     let mut actor = Actor {
         record,
@@ -58,7 +57,8 @@ pub fn spawn(
         last_call_ms: None,
         dead_save_retry_ms: 0,
         backoff,
-        counters: Counters::default(),
+        counters,
+        forced: Vec::new(),
         deps: deps.clone(),
         events: events.clone(),
         snapshot: watch::Sender::new(placeholder_snapshot()),
@@ -99,9 +99,23 @@ enum Phase {
     Backoff { until_ms: u64 },
     /// The grant is dead. Terminal until the record is replaced.
     ReauthRequired,
+    /// The IdP rejected the client; the grant is kept. Left by a new client
+    /// credential, a replacement, or a forced refresh that succeeds.
+    ClientRejected,
 }
 
 impl Phase {
+    /// The phase a loaded (or replacing) record starts in.
+    fn of_record(record: &ProfileRecord) -> Phase {
+        if record.refresh_token.is_none() {
+            Phase::ReauthRequired
+        } else if record.client_rejected.is_some() {
+            Phase::ClientRejected
+        } else {
+            Phase::Idle
+        }
+    }
+
     fn kind(&self) -> PhaseKind {
         match self {
             Phase::Idle => PhaseKind::Idle,
@@ -110,6 +124,7 @@ impl Phase {
                 until_ms: *until_ms,
             },
             Phase::ReauthRequired => PhaseKind::ReauthRequired,
+            Phase::ClientRejected => PhaseKind::ClientRejected,
         }
     }
 }
@@ -137,6 +152,11 @@ enum JobResult {
         saved: Result<(), String>,
     },
     Rejected {
+        detail: String,
+        record: ProfileRecord,
+        saved: Result<(), String>,
+    },
+    ClientRejected {
         detail: String,
         record: ProfileRecord,
         saved: Result<(), String>,
@@ -181,6 +201,10 @@ struct Actor {
     dead_save_retry_ms: u64,
     backoff: Backoff,
     counters: Counters,
+    /// Callers of a forced refresh (`Refresh`, `SetClient`) waiting on the job:
+    /// unlike other waiters they learn that the client was rejected even while
+    /// the old token is still valid.
+    forced: Vec<Reply>,
     deps: EngineDeps,
     events: broadcast::Sender<WatchEvent>,
     snapshot: watch::Sender<Snapshot>,
@@ -218,6 +242,10 @@ impl Actor {
                         let _ = reply.send(self.replace(*record).await);
                         None
                     }
+                    Some(Command::SetClient { credential, client_auth, reply }) => {
+                        self.wait_for_job(&mut done_rx).await;
+                        self.set_client(credential, client_auth, reply).await
+                    }
                     Some(command) => self.handle(command),
                 },
                 () = sleep => None,
@@ -246,6 +274,30 @@ impl Actor {
             profile: self.record.name.clone(),
             message: self.deps.config.reauth_message.clone(),
         }
+    }
+
+    /// What callers get while the IdP rejects the client: who, and the fix.
+    fn client_rejected_error(&self) -> BrokerError {
+        BrokerError::ClientRejected {
+            profile: self.record.name.clone(),
+            message: self.client_rejected_message(),
+        }
+    }
+
+    fn client_rejected_message(&self) -> String {
+        let r = &self.record;
+        let why = r.client_rejected.as_deref().unwrap_or("invalid_client");
+        let fix = if r.client_key.is_some() {
+            "--client-key-file F"
+        } else {
+            "--client-secret-file F"
+        };
+        format!(
+            "the identity provider {} rejected client `{}` ({why}); the session is kept: \
+             give the client's current credential with `broker-ctl client --profile {} {fix}` \
+             (add `--client-auth METHOD` if the server requires another method), and it refreshes at once",
+            r.issuer, r.client_id, r.name
+        )
     }
 
     fn unavailable(&self, until_ms: u64) -> BrokerError {
@@ -288,15 +340,19 @@ impl Actor {
                     let _ = reply.send(Err(self.reauth_error()));
                     None
                 }
-                Phase::Busy { waiters } => {
-                    waiters.push(reply);
+                Phase::Busy { .. } => {
+                    self.forced.push(reply);
                     None
                 }
-                // A user asked explicitly, so this may cut a backoff short.
-                Phase::Idle | Phase::Backoff { .. } => Some(self.begin(vec![reply])),
+                // A user asked explicitly, so this may cut a backoff short, and
+                // tries a rejected client once more.
+                Phase::Idle | Phase::Backoff { .. } | Phase::ClientRejected => {
+                    self.forced.push(reply);
+                    Some(self.begin(Vec::new()))
+                }
             },
             Command::Nudge => self.on_wake(),
-            Command::Replace { .. } | Command::Stop { .. } => {
+            Command::Replace { .. } | Command::Stop { .. } | Command::SetClient { .. } => {
                 unreachable!("handled in run")
             }
         }
@@ -319,6 +375,15 @@ impl Actor {
             }
             Phase::Busy { waiters } => {
                 waiters.push(reply);
+                None
+            }
+            Phase::ClientRejected => {
+                // The current token is served while valid; no IdP call.
+                let answer = match token.filter(|t| policy::unexpired(t, now)) {
+                    Some(t) => Ok(t),
+                    None => Err(self.client_rejected_error()),
+                };
+                let _ = reply.send(answer);
                 None
             }
             Phase::Backoff { until_ms } => {
@@ -354,6 +419,11 @@ impl Actor {
                 let until_ms = *until_ms;
                 self.rejected = true;
                 let _ = reply.send(Err(self.unavailable(until_ms)));
+                None
+            }
+            Phase::ClientRejected => {
+                self.rejected = true;
+                let _ = reply.send(Err(self.client_rejected_error()));
                 None
             }
             Phase::Idle => {
@@ -433,7 +503,7 @@ impl Actor {
                     .min()
             }
             Phase::ReauthRequired if !self.durable => Some(self.dead_save_retry_ms),
-            Phase::Busy { .. } | Phase::ReauthRequired => None,
+            Phase::Busy { .. } | Phase::ReauthRequired | Phase::ClientRejected => None,
         };
         target.map_or(MAX_SLEEP, |t| {
             Duration::from_millis(t.saturating_sub(now)).min(MAX_SLEEP)
@@ -489,8 +559,10 @@ impl Actor {
 
     fn finish(&mut self, result: JobResult) {
         let waiters = self.take_waiters();
+        let forced = std::mem::take(&mut self.forced);
         let now = self.now();
         self.last_job_ms = now;
+        let mut forced_answer = None;
         let answer: Result<Token, BrokerError> = match result {
             JobResult::Refreshed {
                 record,
@@ -531,6 +603,54 @@ impl Actor {
                 self.phase = Phase::ReauthRequired;
                 Err(self.reauth_error())
             }
+            JobResult::ClientRejected {
+                detail,
+                record,
+                saved,
+            } => {
+                let already = self.record.client_rejected.is_some();
+                self.record = record;
+                if !already {
+                    // Once per rejection, not per forced retry.
+                    warn!(
+                        profile = %self.record.name,
+                        issuer = %self.record.issuer,
+                        client_id = %self.record.client_id,
+                        reason = %detail,
+                        "the identity provider rejected the client (not the grant); the refresh token is kept; fix it with `broker-ctl client`"
+                    );
+                }
+                if let Err(e) = saved {
+                    // The refresh token on disk is unchanged; only the state flag is
+                    // missing, so a restart would try the IdP once more.
+                    warn!(profile = %self.record.name, error = %e, "could not record the client rejection on disk");
+                }
+                self.counters.refresh_failures += 1;
+                self.counters.last_error = Some(detail);
+                self.phase = Phase::ClientRejected;
+                forced_answer = Some(Err(self.client_rejected_error()));
+                match self.serveable().filter(|t| policy::unexpired(t, now)) {
+                    Some(t) => Ok(t),
+                    None => Err(self.client_rejected_error()),
+                }
+            }
+            JobResult::Transient { detail } if self.record.client_rejected.is_some() => {
+                // A forced retry of a rejected client that did not get an answer:
+                // still rejected as far as anyone knows; no automatic retries.
+                self.counters.refresh_failures += 1;
+                self.counters.last_error = Some(detail.clone());
+                warn!(profile = %self.record.name, error = %detail, "retrying the rejected client failed");
+                self.phase = Phase::ClientRejected;
+                let detail_error = BrokerError::IdpUnavailable {
+                    retry_after_secs: 1,
+                    detail,
+                };
+                forced_answer = Some(Err(detail_error.clone()));
+                match self.serveable().filter(|t| policy::unexpired(t, now)) {
+                    Some(t) => Ok(t),
+                    None => Err(self.client_rejected_error()),
+                }
+            }
             JobResult::Transient { detail } => {
                 self.counters.refresh_failures += 1;
                 self.counters.last_error = Some(detail.clone());
@@ -551,6 +671,10 @@ impl Actor {
         };
         for waiter in waiters {
             let _ = waiter.send(answer.clone());
+        }
+        let forced_answer = forced_answer.unwrap_or(answer);
+        for waiter in forced {
+            let _ = waiter.send(forced_answer.clone());
         }
     }
 
@@ -626,15 +750,44 @@ impl Actor {
         }
     }
 
+    /// `SetClient`: new credential and method, the same grant, and a refresh at
+    /// once whose outcome is the answer. Runs with no job in flight.
+    async fn set_client(
+        &mut self,
+        credential: ClientCredential,
+        client_auth: Option<ClientAuthMethod>,
+        reply: Reply,
+    ) -> Option<Job> {
+        if self.grant_dead() {
+            let _ = reply.send(Err(self.reauth_error()));
+            return None;
+        }
+        let mut record = self.record.clone();
+        (record.client_secret, record.client_key) = match credential {
+            ClientCredential::None => (None, None),
+            ClientCredential::Secret(s) => (Some(s), None),
+            ClientCredential::PrivateKey(k) => (None, Some(k)),
+        };
+        record.client_auth = client_auth;
+        record.client_rejected = None;
+        if let Err(e) = save(&self.deps, record.clone()).await {
+            let _ = reply.send(Err(e.to_wire()));
+            return None;
+        }
+        info!(profile = %record.name, "client credential replaced; refreshing");
+        self.record = record;
+        self.durable = true;
+        self.backoff.reset();
+        self.counters.last_error = None;
+        self.forced.push(reply);
+        Some(self.begin(Vec::new()))
+    }
+
     async fn replace(&mut self, mut record: ProfileRecord) -> crate::Result<ProfileStatus> {
         // Generations only grow, so watchers always see a re-login as a new token.
         record.generation = record.generation.max(self.record.generation + 1);
         save(&self.deps, record.clone()).await?;
-        self.phase = if record.refresh_token.is_some() {
-            Phase::Idle
-        } else {
-            Phase::ReauthRequired
-        };
+        self.phase = Phase::of_record(&record);
         self.record = record;
         self.issued_ms = 0;
         self.durable = true;
@@ -661,6 +814,8 @@ impl Actor {
             },
             refresh_due_ms: self.refresh_due_ms(),
             status: self.status(),
+            client_rejected: matches!(self.phase, Phase::ClientRejected)
+                .then(|| self.client_rejected_message()),
         };
         let state = snapshot.state(now);
         let mut status = snapshot.status.clone();
@@ -681,6 +836,10 @@ impl Actor {
                 profile,
                 message: self.deps.config.reauth_message.clone(),
             }),
+            _ if state == ProfileState::ClientRejected => Some(WatchEvent::ClientRejected {
+                profile,
+                message: self.client_rejected_message(),
+            }),
             _ => Some(WatchEvent::State {
                 profile,
                 state,
@@ -700,7 +859,7 @@ impl Actor {
         let next_refresh_at = match self.phase {
             Phase::Backoff { until_ms } => Some(until_ms / 1000),
             Phase::Idle => self.refresh_due_ms().map(|ms| ms / 1000),
-            Phase::Busy { .. } | Phase::ReauthRequired => None,
+            Phase::Busy { .. } | Phase::ReauthRequired | Phase::ClientRejected => None,
         };
         ProfileStatus {
             name: r.name.clone(),
@@ -715,7 +874,7 @@ impl Actor {
             last_refresh_at: self.counters.last_refresh_at,
             next_refresh_at,
             last_error: self.counters.last_error.clone(),
-            lifetime_source: None,
+            lifetime_source: r.access_token.as_ref().and_then(|a| a.lifetime_source),
         }
     }
 }
@@ -740,6 +899,7 @@ fn placeholder_snapshot() -> Snapshot {
             last_error: None,
             lifetime_source: None,
         },
+        client_rejected: None,
     }
 }
 
@@ -773,11 +933,16 @@ async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_ms: u64) -
                 // only in memory until it is on disk, and a kill -9 now loses
                 // the grant (docs/security.md). So nothing (no logging, no
                 // publishing, no await) comes between the answer and the save.
-                let guessed_lifetime = refreshed.expires_in.is_none();
-                let record = apply(record, refreshed, started_ms / 1000);
+                let default_lifetime = deps.config.default_lifetime(&record.name);
+                let record = apply(record, refreshed, started_ms / 1000, default_lifetime);
                 let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
-                if guessed_lifetime {
-                    warn!(profile = %record.name, "token response has no expires_in; assuming a conservative lifetime");
+                if let Some(source) = record
+                    .access_token
+                    .as_ref()
+                    .and_then(|a| a.lifetime_source)
+                    .filter(|s| *s != kontext_broker_protocol::LifetimeSource::ExpiresIn)
+                {
+                    debug!(profile = %record.name, source = source.as_str(), "token response has no expires_in");
                 }
                 JobResult::Refreshed {
                     record,
@@ -791,8 +956,21 @@ async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_ms: u64) -
                 let mut record = record;
                 record.refresh_token = None;
                 record.access_token = None;
+                record.client_rejected = None;
                 let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
                 JobResult::Rejected {
+                    detail,
+                    record,
+                    saved,
+                }
+            }
+            Err(RefreshError::ClientRejected(detail)) => {
+                // The client is at fault: the grant (and the refresh token on
+                // disk) stays; the state survives a restart.
+                let mut record = record;
+                record.client_rejected = Some(detail.clone());
+                let saved = save(&deps, record.clone()).await.map_err(|e| e.to_string());
+                JobResult::ClientRejected {
                     detail,
                     record,
                     saved,
@@ -804,24 +982,18 @@ async fn refresh_job(record: ProfileRecord, deps: EngineDeps, started_ms: u64) -
 }
 
 /// The record after a successful refresh at `now_secs`.
-fn apply(mut record: ProfileRecord, refreshed: Refreshed, now_secs: u64) -> ProfileRecord {
-    let previous_lifetime = record
-        .access_token
-        .as_ref()
-        .map(|a| a.expires_at.saturating_sub(a.issued_at))
-        .filter(|&l| l > 0);
-    let lifetime = refreshed
-        .expires_in
-        .map_or_else(
-            || {
-                previous_lifetime
-                    .unwrap_or(FALLBACK_LIFETIME.as_secs())
-                    .min(FALLBACK_LIFETIME.as_secs())
-            },
-            |d| d.as_secs(),
-        )
-        // Never believe a token lives under a second or over ten years.
-        .clamp(1, policy::MAX_LIFETIME_SECS);
+fn apply(
+    mut record: ProfileRecord,
+    refreshed: Refreshed,
+    now_secs: u64,
+    default_lifetime_secs: u64,
+) -> ProfileRecord {
+    let (lifetime, source) = super::lifetime::lifetime(
+        refreshed.expires_in.map(|d| d.as_secs()),
+        refreshed.access_token.expose(),
+        now_secs,
+        default_lifetime_secs,
+    );
     let scopes = refreshed.scopes.unwrap_or_else(|| {
         record
             .access_token
@@ -834,10 +1006,15 @@ fn apply(mut record: ProfileRecord, refreshed: Refreshed, now_secs: u64) -> Prof
         issued_at: now_secs,
         expires_at: now_secs + lifetime,
         scopes,
+        lifetime_source: Some(source),
     });
     if let Some(rotated) = refreshed.refresh_token {
         record.refresh_token = Some(rotated);
     }
+    if let Some(method) = refreshed.client_auth_detected {
+        record.client_auth_detected = Some(method);
+    }
+    record.client_rejected = None;
     record.generation += 1;
     record
 }

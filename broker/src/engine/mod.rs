@@ -12,11 +12,15 @@
 //!   token whose record is not durable is never handed out.
 //! - After the IdP rejects the grant the phase is [`Phase::ReauthRequired`] and no
 //!   job is ever started again until the record is replaced.
+//! - After the IdP rejects the client (not the grant) the phase is
+//!   `ClientRejected`: the refresh token stays on disk, and only a new client
+//!   credential, a replacement or a forced refresh calls the IdP again.
 //!
 //! The fast path ([`EngineHandle::get_token`]) reads a published [`Snapshot`] and
 //! does not touch the actor while the cached token is good enough.
 
 mod actor;
+pub mod lifetime;
 pub mod policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +29,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kontext_broker_protocol::{
-    BrokerError, ProfileState, ProfileStatus, Secret, Token, WatchEvent,
+    BrokerError, ClientAuthMethod, ClientCredential, ProfileState, ProfileStatus, Secret, Token,
+    WatchEvent,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -50,6 +55,10 @@ pub struct EngineConfig {
     pub backoff_jitter: bool,
     /// "Session expired, run `…` to re-authenticate".
     pub reauth_message: String,
+    /// Lifetime assumed for a token that states none (config `default_token_lifetime`), seconds.
+    pub default_token_lifetime: u64,
+    /// Per-profile overrides of `default_token_lifetime`.
+    pub profile_token_lifetimes: std::collections::BTreeMap<String, u64>,
 }
 
 impl EngineConfig {
@@ -62,7 +71,21 @@ impl EngineConfig {
             backoff_max: Duration::from_secs(config.backoff_max_secs),
             backoff_jitter: true,
             reauth_message: config.reauth_message(),
+            default_token_lifetime: config.default_token_lifetime,
+            profile_token_lifetimes: config
+                .profiles
+                .iter()
+                .filter_map(|(name, p)| Some((name.clone(), p.default_token_lifetime?)))
+                .collect(),
         }
+    }
+
+    /// The lifetime assumed for `profile`'s tokens that state none, seconds.
+    pub fn default_lifetime(&self, profile: &str) -> u64 {
+        self.profile_token_lifetimes
+            .get(profile)
+            .copied()
+            .unwrap_or(self.default_token_lifetime)
     }
 }
 
@@ -77,13 +100,18 @@ pub struct Refreshed {
     pub refresh_token: Option<Secret>,
     /// `Some` when the IdP said which scopes were granted.
     pub scopes: Option<Vec<String>>,
+    /// `Some` when client authentication had to fall back to the other secret
+    /// method, which worked: remember it in the profile.
+    pub client_auth_detected: Option<ClientAuthMethod>,
 }
 
 /// Why a refresh failed, classified as contract §5 requires.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshError {
-    /// `invalid_grant`, `invalid_client` or `unauthorized_client`: the grant is dead.
+    /// `invalid_grant`: the grant is dead.
     Rejected(String),
+    /// `invalid_client` or `unauthorized_client`: the client is at fault; the grant is kept.
+    ClientRejected(String),
     /// Anything else: network, timeout, 5xx, 429, `invalid_request`, garbage.
     Transient(String),
 }
@@ -127,6 +155,8 @@ pub struct Snapshot {
     pub refresh_due_ms: Option<u64>,
     /// Status fields except the time-derived state.
     pub status: ProfileStatus,
+    /// While the IdP rejects the client: the message for callers and watchers.
+    pub client_rejected: Option<String>,
 }
 
 /// The public face of [`actor::Phase`], without waiters.
@@ -136,6 +166,7 @@ pub enum PhaseKind {
     Busy,
     Backoff { until_ms: u64 },
     ReauthRequired,
+    ClientRejected,
 }
 
 impl Snapshot {
@@ -145,6 +176,7 @@ impl Snapshot {
             PhaseKind::Busy => ProfileState::Refreshing,
             PhaseKind::Backoff { .. } => ProfileState::Backoff,
             PhaseKind::ReauthRequired => ProfileState::ReauthRequired,
+            PhaseKind::ClientRejected => ProfileState::ClientRejected,
             PhaseKind::Idle => match &self.token {
                 Some(t) if policy::unexpired(t, now_ms) => ProfileState::Valid,
                 _ => ProfileState::Expired,
@@ -174,6 +206,12 @@ pub(crate) enum Command {
     Replace {
         record: Box<ProfileRecord>,
         reply: oneshot::Sender<crate::Result<ProfileStatus>>,
+    },
+    /// Replace the client credential, keep the grant, and refresh at once.
+    SetClient {
+        credential: ClientCredential,
+        client_auth: Option<ClientAuthMethod>,
+        reply: Reply,
     },
     /// Finish the running job, then stop and hand back the final record.
     Stop {
@@ -251,6 +289,21 @@ impl EngineHandle {
         rx.await.map_err(|_| self.gone_internal())?
     }
 
+    /// Replaces the client credential and method, keeps the grant, and refreshes
+    /// at once; answers with the new token (or why there is none).
+    pub async fn set_client(
+        &self,
+        credential: ClientCredential,
+        client_auth: Option<ClientAuthMethod>,
+    ) -> Result<Token, BrokerError> {
+        self.ask(|reply| Command::SetClient {
+            credential,
+            client_auth,
+            reply,
+        })
+        .await
+    }
+
     /// Stops the engine after its running job (if any) has saved its result.
     /// Returns the final record, or `None` if the actor was already gone.
     pub async fn stop(&self) -> Option<ProfileRecord> {
@@ -284,6 +337,22 @@ impl EngineHandle {
                 profile,
                 message: self.reauth_message.to_string(),
             }],
+            (PhaseKind::ClientRejected, token) => {
+                // The current token is still served while valid: say both.
+                let mut events: Vec<WatchEvent> = token
+                    .iter()
+                    .filter(|t| policy::unexpired(t, now))
+                    .map(|t| WatchEvent::Token {
+                        profile: profile.clone(),
+                        token: t.clone(),
+                    })
+                    .collect();
+                events.push(WatchEvent::ClientRejected {
+                    profile,
+                    message: snap.client_rejected.clone().unwrap_or_default(),
+                });
+                events
+            }
             (_, Some(token)) if policy::unexpired(token, now) => vec![WatchEvent::Token {
                 profile,
                 token: token.clone(),

@@ -71,6 +71,7 @@ fn rotated(n: u64) -> Result<Refreshed, RefreshError> {
         expires_in: Some(Duration::from_secs(100)),
         refresh_token: Some(Secret::new(format!("rt-{n}"))),
         scopes: None,
+        client_auth_detected: None,
     })
 }
 
@@ -143,6 +144,10 @@ fn record(issued_secs: u64) -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: None,
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into()],
         audience: None,
         endpoints: Endpoints {
@@ -152,6 +157,7 @@ fn record(issued_secs: u64) -> ProfileRecord {
         subject: Some("alice".into()),
         refresh_token: Some(Secret::from("rt-0")),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::from("at-0"),
             token_type: "Bearer".into(),
             issued_at: issued_secs,
@@ -178,6 +184,8 @@ fn rig_with(record: ProfileRecord) -> Rig {
             backoff_max: Duration::from_secs(300),
             backoff_jitter: false,
             reauth_message: "Session expired, run `kontext login` to re-authenticate".into(),
+            default_token_lifetime: 42,
+            profile_token_lifetimes: Default::default(),
         },
     };
     let (events, _) = broadcast::channel(64);
@@ -279,25 +287,225 @@ async fn a_response_without_refresh_token_keeps_the_old_one() {
         expires_in: Some(Duration::from_secs(100)),
         refresh_token: None,
         scopes: None,
+        client_auth_detected: None,
     }));
     let token = rig.engine.refresh().await.unwrap();
     assert_eq!(token.access_token.expose(), "at-x");
     assert_eq!(rig.store.last().refresh_token.unwrap().expose(), "rt-0");
 }
 
+/// An access token shaped like an RFC 9068 JWT whose `exp` is `exp`.
+fn jwt_access_token(exp: u64) -> String {
+    use base64::Engine as _;
+    let enc = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.sig",
+        enc(r#"{"alg":"RS256","typ":"at+jwt"}"#.to_owned()),
+        enc(format!(r#"{{"sub":"alice","exp":{exp}}}"#))
+    )
+}
+
 #[tokio::test]
-async fn a_missing_expires_in_gets_a_conservative_lifetime() {
+async fn without_expires_in_a_jwt_lives_until_its_exp_and_is_never_served_after() {
     let rig = fresh_rig();
+    let now = T0_MS / 1000;
     rig.idp.push(Ok(Refreshed {
-        access_token: Secret::from("at-x"),
+        access_token: Secret::new(jwt_access_token(now + 7)),
         token_type: "Bearer".into(),
         expires_in: None,
         refresh_token: Some(Secret::from("rt-x")),
         scopes: None,
+        client_auth_detected: None,
     }));
     let token = rig.engine.refresh().await.unwrap();
-    // The previous token lived 100 s, below the 300 s cap: reuse it.
-    assert_eq!(token.expires_at - token.issued_at, 100);
+    assert_eq!(token.expires_at, now + 7);
+    let status = rig.engine.status();
+    assert_eq!(
+        status.lifetime_source,
+        Some(kontext_broker_protocol::LifetimeSource::JwtExp)
+    );
+    assert_eq!(
+        rig.store.last().access_token.unwrap().lifetime_source,
+        status.lifetime_source
+    );
+    // Right up to its exp the JWT is served from cache; at its exp it is not.
+    rig.clock.advance(Duration::from_millis(6_000));
+    assert_eq!(
+        rig.engine.get_token(0).await.unwrap().generation,
+        token.generation
+    );
+    assert_eq!(rig.idp.calls(), 1);
+    rig.clock.advance(Duration::from_millis(1_000));
+    let next = rig.engine.get_token(0).await.unwrap();
+    assert_eq!(rig.idp.calls(), 2, "a request at exp refreshes");
+    assert!(next.generation > token.generation && next.expires_at > now + 7);
+}
+
+#[tokio::test]
+async fn without_expires_in_an_opaque_token_lives_the_default_lifetime() {
+    let rig = fresh_rig();
+    rig.idp.push(Ok(Refreshed {
+        access_token: Secret::from("opaque-at"),
+        token_type: "Bearer".into(),
+        expires_in: None,
+        refresh_token: None,
+        scopes: None,
+        client_auth_detected: None,
+    }));
+    let token = rig.engine.refresh().await.unwrap();
+    // The rig's config says default_token_lifetime = 42; the previous token's
+    // 100 s play no part.
+    assert_eq!(token.expires_at - token.issued_at, 42);
+    assert_eq!(
+        rig.engine.status().lifetime_source,
+        Some(kontext_broker_protocol::LifetimeSource::Default)
+    );
+    // A normal answer says expires_in again.
+    rig.clock.advance(Duration::from_secs(1));
+    rig.engine.refresh().await.unwrap();
+    assert_eq!(
+        rig.engine.status().lifetime_source,
+        Some(kontext_broker_protocol::LifetimeSource::ExpiresIn)
+    );
+}
+
+#[tokio::test]
+async fn a_client_auth_method_found_by_fallback_is_saved_in_the_profile() {
+    let rig = fresh_rig();
+    rig.idp.push(Ok(Refreshed {
+        client_auth_detected: Some(kontext_broker_protocol::ClientAuthMethod::ClientSecretPost),
+        ..rotated(7).unwrap()
+    }));
+    rig.engine.refresh().await.unwrap();
+    assert_eq!(
+        rig.store.last().client_auth_detected,
+        Some(kontext_broker_protocol::ClientAuthMethod::ClientSecretPost)
+    );
+    // Later refreshes keep it (calls start at least 1 s apart).
+    rig.clock.advance(Duration::from_secs(1));
+    rig.engine.refresh().await.unwrap();
+    assert!(rig.store.last().client_auth_detected.is_some());
+}
+
+fn assert_client_rejected(result: Result<Token, BrokerError>) -> String {
+    match result {
+        Err(BrokerError::ClientRejected { profile, message }) => {
+            assert_eq!(profile, "work");
+            message
+        }
+        other => panic!("expected ClientRejected, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_client_keeps_the_grant_and_stops_calling_the_idp_until_fixed() {
+    let rig = fresh_rig();
+    let (_, mut events) = rig.engine.subscribe();
+    rig.clock.advance(Duration::from_secs(101));
+    rig.idp.push(Err(RefreshError::ClientRejected(
+        "invalid_client: client authentication failed".into(),
+    )));
+    let message = assert_client_rejected(rig.engine.get_token(0).await);
+    for needle in [
+        "https://idp.example",
+        "`cli`",
+        "broker-ctl client --profile work",
+        "invalid_client",
+    ] {
+        assert!(
+            message.contains(needle),
+            "{needle:?} missing from {message}"
+        );
+    }
+    // The refresh token stays on disk; the state is recorded there too.
+    let saved = rig.store.last();
+    assert_eq!(saved.refresh_token.as_ref().unwrap().expose(), "rt-0");
+    assert!(saved.client_rejected.is_some());
+    // A minute of fake time with requests and invalidations: no IdP call.
+    for _ in 0..60 {
+        rig.clock.advance(Duration::from_secs(1));
+        assert_client_rejected(rig.engine.get_token(0).await);
+        assert_client_rejected(rig.engine.invalidate(1).await);
+    }
+    assert_eq!(rig.idp.calls(), 1);
+    assert_eq!(rig.engine.status().state, ProfileState::ClientRejected);
+    let mut told = 0;
+    while let Ok(event) = events.try_recv() {
+        told += matches!(event, WatchEvent::ClientRejected { .. }) as usize;
+    }
+    assert_eq!(told, 1, "watchers are told once");
+    // `broker-ctl refresh` tries the IdP once more.
+    rig.idp
+        .push(Err(RefreshError::ClientRejected("invalid_client".into())));
+    assert_client_rejected(rig.engine.refresh().await);
+    assert_eq!(rig.idp.calls(), 2);
+    // A new credential: the same grant, refreshed at once (calls start at
+    // least 1 s apart).
+    rig.clock.advance(Duration::from_secs(1));
+    let token = rig
+        .engine
+        .set_client(
+            kontext_broker_protocol::ClientCredential::Secret(Secret::from("new-secret")),
+            Some(kontext_broker_protocol::ClientAuthMethod::ClientSecretPost),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rig.idp.presented(), ["rt-0", "rt-0", "rt-0"]);
+    assert_eq!(token.generation, 2);
+    let saved = rig.store.last();
+    assert_eq!(saved.client_secret.unwrap().expose(), "new-secret");
+    assert_eq!(
+        saved.client_auth,
+        Some(kontext_broker_protocol::ClientAuthMethod::ClientSecretPost)
+    );
+    assert!(saved.client_rejected.is_none());
+    assert_eq!(rig.engine.status().state, ProfileState::Valid);
+}
+
+#[tokio::test]
+async fn a_rejected_client_serves_its_valid_token_but_a_forced_refresh_is_told() {
+    let rig = fresh_rig();
+    rig.idp.push(Err(RefreshError::ClientRejected(
+        "unauthorized_client".into(),
+    )));
+    assert_client_rejected(rig.engine.refresh().await);
+    rig.clock.advance(Duration::from_secs(50));
+    // Still valid: served, with no IdP call, even when more validity is asked.
+    for min_valid in [0, 90] {
+        assert_eq!(
+            rig.engine
+                .get_token(min_valid)
+                .await
+                .unwrap()
+                .access_token
+                .expose(),
+            "at-0"
+        );
+    }
+    assert_eq!(rig.idp.calls(), 1);
+    let status = rig.engine.status();
+    assert_eq!(status.state, ProfileState::ClientRejected);
+    assert!(status.last_error.unwrap().contains("unauthorized_client"));
+    rig.clock.advance(Duration::from_secs(51));
+    assert_client_rejected(rig.engine.get_token(0).await);
+    assert_eq!(rig.idp.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_client_rejection_survives_a_restart() {
+    let mut rejected = record(T0_MS / 1000 - 200);
+    rejected.client_rejected = Some("invalid_client".into());
+    let rig = rig_with(rejected);
+    assert_eq!(rig.engine.status().state, ProfileState::ClientRejected);
+    let (initial, _) = rig.engine.subscribe();
+    assert!(matches!(
+        initial.last(),
+        Some(WatchEvent::ClientRejected { .. })
+    ));
+    assert_client_rejected(rig.engine.get_token(0).await);
+    rig.clock.advance(Duration::from_secs(120));
+    assert_client_rejected(rig.engine.get_token(0).await);
+    assert_eq!(rig.idp.calls(), 0);
 }
 
 #[tokio::test]
@@ -572,6 +780,7 @@ async fn a_lying_zero_lifetime_never_becomes_a_busy_loop() {
             expires_in: Some(Duration::ZERO),
             refresh_token: Some(Secret::new(format!("rt-z{n}"))),
             scopes: None,
+            client_auth_detected: None,
         }));
     }
     let (_, _watcher) = rig.engine.subscribe(); // in use: proactive refresh on

@@ -200,8 +200,23 @@ impl Metadata {
             userinfo: self.userinfo_endpoint.clone(),
             introspection: self.introspection_endpoint.clone(),
             jwks_uri: self.jwks_uri.clone(),
+            token_auth_methods: method_list(&self.token_endpoint_auth_methods_supported),
+            revocation_auth_methods: method_list(&self.revocation_endpoint_auth_methods_supported),
         })
     }
+}
+
+/// An `*_auth_methods_supported` list as kept in the profile (client
+/// authentication reads it): bounded in length and count. `None` (not listed)
+/// makes the broker fall back to RFC 8414's default, `client_secret_basic`.
+fn method_list(list: &Option<Vec<String>>) -> Option<Vec<String>> {
+    list.as_ref().map(|l| {
+        l.iter()
+            .filter(|m| m.len() <= 64)
+            .take(32)
+            .cloned()
+            .collect()
+    })
 }
 
 /// Checks per-profile endpoint overrides by the rule for issuers: https, or

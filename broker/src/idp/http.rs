@@ -69,13 +69,14 @@ impl Http {
     }
 
     /// POSTs a form; with `basic`, authenticates as RFC 6749 §2.3.1 client_secret_basic.
-    /// Returns the status code; the body (which may echo a token) is discarded.
+    /// Returns the status code and the OAuth `error` code of an error body, if any;
+    /// the rest of the body (which may echo a token) is discarded.
     pub async fn post_form(
         &self,
         url: &str,
         form: &[(&str, &str)],
         basic: Option<(&str, &str)>,
-    ) -> std::result::Result<u16, HttpError> {
+    ) -> std::result::Result<(u16, Option<String>), HttpError> {
         let mut request = self.client.post(url).form(form);
         if let Some((id, secret)) = basic {
             // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
@@ -84,7 +85,11 @@ impl Http {
             request = request.basic_auth(enc(id), Some(enc(secret)));
         }
         let response = self.execute(request.build().map_err(transport)?).await?;
-        Ok(response.status().as_u16())
+        let status = response.status().as_u16();
+        let code = (status >= 400)
+            .then(|| oauth_error_code(response.body()))
+            .flatten();
+        Ok((status, code))
     }
 
     async fn execute(
@@ -113,6 +118,16 @@ impl Http {
             .body(body)
             .map_err(|e| HttpError::Transport(e.to_string()))
     }
+}
+
+/// The `error` member of a JSON error body, if it is a plain OAuth error code.
+pub(crate) fn oauth_error_code(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = value.get("error")?.as_str()?;
+    (!code.is_empty()
+        && code.len() <= 64
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+    .then(|| code.to_owned())
 }
 
 fn transport(e: reqwest::Error) -> HttpError {

@@ -1,13 +1,15 @@
-//! The refresh-token grant and revocation, through openidconnect.
+//! The refresh-token grant and revocation, through openidconnect, with the
+//! client authentication of [`super::client_auth`].
 
 use futures::future::BoxFuture;
-use kontext_broker_protocol::Secret;
+use kontext_broker_protocol::{ClientAuthMethod, Secret};
 use openidconnect::core::{CoreClient, CoreErrorResponseType};
 use openidconnect::{
-    ClientId, ClientSecret, IssuerUrl, JsonWebKeySet, OAuth2TokenResponse, RefreshToken,
-    RequestTokenError, StandardErrorResponse, TokenType, TokenUrl,
+    ClientId, IssuerUrl, JsonWebKeySet, OAuth2TokenResponse, RefreshToken, RequestTokenError,
+    StandardErrorResponse, TokenType, TokenUrl,
 };
 
+use super::client_auth::{ClientAuth, EndpointKind, Prepared};
 use super::sanitize::{self, Secrets};
 use super::{Http, Idp};
 use crate::engine::{RefreshError, Refreshed, TokenEndpoint};
@@ -20,14 +22,18 @@ impl TokenEndpoint for Idp {
         record: ProfileRecord,
     ) -> BoxFuture<'static, std::result::Result<Refreshed, RefreshError>> {
         let http = self.http.clone();
+        let auth = self.client_auth(&record);
         Box::pin(async move {
             // Every detail leaves here sanitized: it reaches the warn log,
             // `last_error`, watchers and terminals.
-            refresh_grant(&http, &record).await.map_err(|e| {
+            refresh_grant(&http, &auth, &record).await.map_err(|e| {
                 let secrets = Secrets::of_record(&record);
                 match e {
                     RefreshError::Rejected(d) => {
                         RefreshError::Rejected(sanitize::composed(&d, &secrets))
+                    }
+                    RefreshError::ClientRejected(d) => {
+                        RefreshError::ClientRejected(sanitize::composed(&d, &secrets))
                     }
                     RefreshError::Transient(d) => {
                         RefreshError::Transient(sanitize::composed(&d, &secrets))
@@ -41,20 +47,74 @@ impl TokenEndpoint for Idp {
 fn base_client(record: &ProfileRecord) -> Result<CoreClient> {
     let issuer = IssuerUrl::new(record.issuer.clone())
         .map_err(|e| Error::Invalid(format!("issuer URL: {e}")))?;
-    let mut client = CoreClient::new(
+    Ok(CoreClient::new(
         ClientId::new(record.client_id.clone()),
         issuer,
         JsonWebKeySet::default(),
-    );
-    if let Some(secret) = &record.client_secret {
-        // openidconnect keeps its own copy; its Debug is redacted too.
-        client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
-    }
-    Ok(client)
+    ))
 }
 
+/// True for an `invalid_client` answer: the one that makes auto-detection
+/// try the other secret method.
+fn is_invalid_client(e: &RefreshError) -> bool {
+    matches!(e, RefreshError::ClientRejected(d) if d.starts_with("invalid_client"))
+}
+
+/// Runs the refresh grant with each client authentication method to try, in
+/// order, moving on only after `invalid_client`. A method that worked after a
+/// fallback is reported so the engine remembers it.
 async fn refresh_grant(
     http: &Http,
+    auth: &ClientAuth,
+    record: &ProfileRecord,
+) -> std::result::Result<Refreshed, RefreshError> {
+    let attempts = auth.attempts(&record.endpoints, EndpointKind::Token);
+    let mut result = Err(RefreshError::Transient(
+        "no client authentication method".into(),
+    ));
+    for (i, method) in attempts.iter().enumerate() {
+        result = refresh_once(http, auth, *method, record).await;
+        match &mut result {
+            Ok(refreshed) => {
+                if i > 0 {
+                    tracing::info!(
+                        profile = %record.name,
+                        method = method.as_str(),
+                        "the identity provider accepts this client authentication method; remembering it"
+                    );
+                    refreshed.client_auth_detected = Some(*method);
+                }
+                return result;
+            }
+            Err(e) if is_invalid_client(e) && i + 1 < attempts.len() => {
+                tracing::debug!(
+                    profile = %record.name,
+                    method = method.as_str(),
+                    "invalid_client; trying the other client authentication method"
+                );
+            }
+            Err(_) => break,
+        }
+    }
+    match result {
+        Err(RefreshError::ClientRejected(detail)) if attempts.len() > 1 => {
+            Err(RefreshError::ClientRejected(format!(
+                "{detail} (tried {})",
+                attempts
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )))
+        }
+        other => other,
+    }
+}
+
+async fn refresh_once(
+    http: &Http,
+    auth: &ClientAuth,
+    method: ClientAuthMethod,
     record: &ProfileRecord,
 ) -> std::result::Result<Refreshed, RefreshError> {
     let refresh_token = record
@@ -63,11 +123,20 @@ async fn refresh_grant(
         .ok_or_else(|| RefreshError::Rejected("no refresh token stored".into()))?;
     let token_url = TokenUrl::new(record.endpoints.token.clone())
         .map_err(|e| RefreshError::Transient(format!("token endpoint URL: {e}")))?;
-    let client = base_client(record)
-        .map_err(|e| RefreshError::Transient(e.to_string()))?
-        .set_token_uri(token_url);
+    // A client key that cannot sign is the client's fault, like invalid_client.
+    let prepared: Prepared = auth
+        .prepare(method, &record.endpoints.token)
+        .map_err(|e| RefreshError::ClientRejected(e.to_string()))?;
+    let client = prepared.configure(
+        base_client(record)
+            .map_err(|e| RefreshError::Transient(e.to_string()))?
+            .set_token_uri(token_url),
+    );
     let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
     let mut request = client.exchange_refresh_token(&refresh_token);
+    for (name, value) in prepared.extra_params() {
+        request = request.add_extra_param(name, value);
+    }
     if let Some(audience) = &record.audience {
         // RFC 8707 resource indicator.
         request = request.add_extra_param("resource", audience.clone());
@@ -108,6 +177,7 @@ async fn refresh_grant(
         scopes: response
             .scopes()
             .map(|s| crate::bounds::granted_scopes(s.iter().map(|scope| scope.as_str()))),
+        client_auth_detected: None,
     })
 }
 
@@ -128,26 +198,23 @@ fn rescue(body: &[u8]) -> Option<Refreshed> {
         expires_in: response.expires_in.map(std::time::Duration::from_secs),
         refresh_token: response.refresh_token,
         scopes,
+        client_auth_detected: None,
     })
 }
 
-/// The contract §5 classes by OAuth error code: only a dead grant or client is final.
+/// The classes of docs/architecture.md by OAuth error code: a dead grant and a
+/// rejected client are final (in different ways); everything else is transient.
 fn classify_code(code: &str, detail: String) -> RefreshError {
     match code {
-        "invalid_grant" | "invalid_client" | "unauthorized_client" => {
-            RefreshError::Rejected(detail)
-        }
+        "invalid_grant" => RefreshError::Rejected(detail),
+        "invalid_client" | "unauthorized_client" => RefreshError::ClientRejected(detail),
         _ => RefreshError::Transient(detail),
     }
 }
 
 /// The `error` member of a JSON error body, if it is a plain OAuth error code.
 fn error_code(body: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let code = value.get("error")?.as_str()?;
-    code.bytes()
-        .all(|b| b.is_ascii_lowercase() || b == b'_')
-        .then(|| code.to_owned())
+    super::http::oauth_error_code(body)
 }
 
 fn token_type_name<T: TokenType>(t: &T) -> String {
@@ -158,12 +225,13 @@ fn token_type_name<T: TokenType>(t: &T) -> String {
     }
 }
 
-/// Sorts a failed token request into the two classes of contract §5.
+/// Sorts a failed token request into the classes of docs/architecture.md.
 ///
-/// Only an explicit `invalid_grant`, `invalid_client` or `unauthorized_client`
-/// means the grant is dead; everything else, including an IdP that answers with
-/// garbage, is transient. Details never include response bodies, and the IdP's
-/// code and description pass [`sanitize`] with the profile's `secrets`.
+/// Only an explicit `invalid_grant` means the grant is dead; `invalid_client` and
+/// `unauthorized_client` blame the client; everything else, including an IdP
+/// that answers with garbage, is transient. Details never include response
+/// bodies, and the IdP's code and description pass [`sanitize`] with the
+/// profile's `secrets`.
 pub fn classify_error<RE: std::error::Error + 'static>(
     e: RequestTokenError<RE, StandardErrorResponse<CoreErrorResponseType>>,
     secrets: &Secrets,
@@ -197,7 +265,7 @@ pub fn classify_error<RE: std::error::Error + 'static>(
 /// This is the one request built by hand: oauth2 5 refuses non-HTTPS revocation
 /// URLs, but the broker allows `http://` on loopback (development IdPs, tests).
 /// It is a single form POST, so one code path serves both and stays tested.
-pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
+pub async fn revoke(http: &Http, auth: &ClientAuth, record: &ProfileRecord) -> Result<()> {
     let Some(endpoint) = &record.endpoints.revocation else {
         return Err(Error::Invalid(
             "the issuer advertises no revocation endpoint".into(),
@@ -207,25 +275,34 @@ pub async fn revoke(http: &Http, record: &ProfileRecord) -> Result<()> {
         return Err(Error::Invalid("no refresh token to revoke".into()));
     };
     super::validate_endpoint("revocation_endpoint", endpoint)?;
-    let mut form = vec![
-        ("token", refresh_token.expose()),
-        ("token_type_hint", "refresh_token"),
-    ];
-    let secret = record.client_secret.as_ref().map(|s| s.expose());
-    if secret.is_none() {
-        form.push(("client_id", &record.client_id));
+    let attempts = auth.attempts(&record.endpoints, EndpointKind::Revocation);
+    let mut answer = (0, None);
+    for (i, method) in attempts.iter().enumerate() {
+        let prepared = auth.prepare(*method, &record.endpoints.token)?;
+        let mut form = vec![
+            ("token", refresh_token.expose()),
+            ("token_type_hint", "refresh_token"),
+        ];
+        form.extend(prepared.form_fields());
+        answer = http
+            .post_form(endpoint, &form, prepared.basic())
+            .await
+            .map_err(|e| {
+                let detail = sanitize::composed(&e.to_string(), &Secrets::of_record(record));
+                Error::IdpTransient(format!("revocation failed: {detail}"))
+            })?;
+        let invalid_client = answer.1.as_deref() == Some("invalid_client");
+        if !(invalid_client && i + 1 < attempts.len()) {
+            break;
+        }
     }
-    let status = http
-        .post_form(
-            endpoint,
-            &form,
-            secret.map(|s| (record.client_id.as_str(), s)),
-        )
-        .await
-        .map_err(|e| {
-            let detail = sanitize::composed(&e.to_string(), &Secrets::of_record(record));
-            Error::IdpTransient(format!("revocation failed: {detail}"))
-        })?;
+    let (status, code) = answer;
+    if let Some(code @ ("invalid_client" | "unauthorized_client")) = code.as_deref() {
+        return Err(Error::Invalid(format!(
+            "the IdP refused client `{}` at the revocation endpoint ({code}); fix the client with `broker-ctl client`",
+            record.client_id
+        )));
+    }
     match status {
         // RFC 7009 §2.2: 200 whether or not the token was valid.
         200 => Ok(()),

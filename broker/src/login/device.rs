@@ -6,17 +6,21 @@
 //! bounds the whole wait by the login timeout and the code's `expires_in`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use openidconnect::core::CoreDeviceAuthorizationResponse;
 use openidconnect::{
-    DeviceAuthorizationUrl, DeviceCodeErrorResponse, DeviceCodeErrorResponseType, EndpointNotSet,
-    EndpointState, RequestTokenError, Scope,
+    AsyncHttpClient, DeviceAuthorizationUrl, DeviceCodeErrorResponse, DeviceCodeErrorResponseType,
+    EndpointNotSet, EndpointState, RequestTokenError, Scope,
 };
 
 use super::token::{LoginClient, RawTokenResponse};
-use super::{request_failure, sanitize, token_error, LoginContext, LoginError, LoginUi};
-use crate::idp::Http;
+use super::{
+    request_failure, sanitize, token_error, with_client_auth, LoginContext, LoginError, LoginUi,
+};
+use crate::idp::client_auth::{assertion, ASSERTION_TYPE};
+use crate::idp::{ClientAuth, EndpointKind, Http, HttpError};
 
 /// Runs the device flow: asks for a code, shows it, and polls until the user
 /// approves, refuses, or time runs out. The response is checked by the caller
@@ -36,12 +40,46 @@ pub(super) async fn device_flow(
     let url = DeviceAuthorizationUrl::new(url)
         .map_err(|e| LoginError::Unsupported(format!("device authorization endpoint URL: {e}")))?;
     let client = client.set_device_authorization_url(url);
-    let details: CoreDeviceAuthorizationResponse = client
-        .exchange_device_code()
-        .add_scopes(scopes.iter().cloned().map(Scope::new))
-        .request_async(http)
-        .await
-        .map_err(token_error)?;
+    // The device authorization request finds the client method (falling back
+    // once after invalid_client); polling then uses the one that worked.
+    let attempts = ctx.attempts(EndpointKind::DeviceAuthorization);
+    let mut found = None;
+    for (i, method) in attempts.iter().enumerate() {
+        let prepared = ctx.prepare(*method)?;
+        let configured = with_client_auth(&prepared, client.clone());
+        let mut request = configured
+            .exchange_device_code()
+            .add_scopes(scopes.iter().cloned().map(Scope::new));
+        for (name, value) in prepared.extra_params() {
+            request = request.add_extra_param(name, value);
+        }
+        match request.request_async(http).await {
+            Ok(details) => {
+                if i > 0 {
+                    ctx.detected(*method);
+                }
+                found = Some((details, prepared));
+                break;
+            }
+            Err(RequestTokenError::ServerResponse(r))
+                if r.error().as_ref() == "invalid_client" && i + 1 < attempts.len() => {}
+            Err(e) => return Err(token_error(e)),
+        }
+    }
+    let Some((details, prepared)) = found else {
+        return Err(LoginError::Usage(
+            "no client authentication method to try".into(),
+        ));
+    };
+    let details: CoreDeviceAuthorizationResponse = details;
+    let client = with_client_auth(&prepared, client);
+    // Each poll carries a fresh client assertion (a `jti` is single use).
+    let fresh = FreshAssertions {
+        http,
+        auth: &ctx.auth,
+        audience: &ctx.discovered.endpoints.token,
+    };
+    let extra = prepared.extra_params();
     ui.show_device_code(
         details.verification_uri().as_str(),
         details.user_code().secret(),
@@ -53,7 +91,7 @@ pub(super) async fn device_flow(
     let wait = timeout.min(code_lifetime);
     let polled = tokio::time::timeout(
         wait,
-        poll(http, &client, &details, |d| tokio::time::sleep(d)),
+        poll(&fresh, &client, &details, &extra, |d| tokio::time::sleep(d)),
     )
     .await;
     match polled {
@@ -68,13 +106,15 @@ pub(super) async fn device_flow(
 
 /// Polls the token endpoint, sleeping with `sleep` (injected so tests can
 /// record the intervals without waiting them out).
-async fn poll<C, S, F>(
-    http: &Http,
+async fn poll<H, C, S, F>(
+    http: &H,
     client: &LoginClient<EndpointNotSet, C>,
     details: &CoreDeviceAuthorizationResponse,
+    extra: &[(&'static str, String)],
     sleep: S,
 ) -> Result<RawTokenResponse, LoginError>
 where
+    H: for<'c> AsyncHttpClient<'c, Error = HttpError>,
     C: EndpointState,
     S: Fn(Duration) -> F,
     F: Future<Output = ()>,
@@ -82,11 +122,69 @@ where
     // RFC 8628 §3.5: the client waits `interval` between requests; the
     // library's loop polls once at once, so wait the first interval here.
     sleep(details.interval()).await;
-    client
-        .exchange_device_access_token(details)
+    let mut request = client.exchange_device_access_token(details);
+    for (name, value) in extra {
+        request = request.add_extra_param(*name, value.clone());
+    }
+    request
         .request_async(http, &sleep, None)
         .await
         .map_err(device_error)
+}
+
+/// The broker's HTTP client, replacing the `client_assertion` of every form
+/// request with a fresh one: openidconnect's poller repeats one request, and
+/// an assertion's `jti` may be used only once.
+struct FreshAssertions<'a> {
+    http: &'a Http,
+    auth: &'a ClientAuth,
+    audience: &'a str,
+}
+
+impl FreshAssertions<'_> {
+    fn refresh_body(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
+        if !pairs
+            .iter()
+            .any(|(k, v)| k == "client_assertion_type" && v == ASSERTION_TYPE)
+        {
+            return None;
+        }
+        let key = match &self.auth.credential {
+            kontext_broker_protocol::ClientCredential::PrivateKey(key) => key,
+            _ => return None,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let fresh = assertion(&self.auth.client_id, key, self.audience, now).ok()?;
+        let mut out = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &pairs {
+            out.append_pair(
+                k,
+                if k == "client_assertion" {
+                    fresh.expose()
+                } else {
+                    v
+                },
+            );
+        }
+        Some(out.finish().into_bytes())
+    }
+}
+
+impl<'c> AsyncHttpClient<'c> for FreshAssertions<'_> {
+    type Error = HttpError;
+    type Future = Pin<
+        Box<dyn Future<Output = Result<openidconnect::HttpResponse, HttpError>> + Send + Sync + 'c>,
+    >;
+
+    fn call(&'c self, mut request: openidconnect::HttpRequest) -> Self::Future {
+        if let Some(body) = self.refresh_body(request.body()) {
+            *request.body_mut() = body;
+        }
+        self.http.call(request)
+    }
 }
 
 fn device_error<RE: std::error::Error + 'static>(
@@ -199,10 +297,16 @@ mod tests {
         .set_token_uri(TokenUrl::new(token_url).unwrap());
         let slept = Arc::new(Mutex::new(Vec::new()));
         let record = slept.clone();
-        let result = poll(&http, &client, &details(interval), move |d: Duration| {
-            record.lock().unwrap().push(d.as_secs());
-            std::future::ready(())
-        })
+        let result = poll(
+            &http,
+            &client,
+            &details(interval),
+            &[],
+            move |d: Duration| {
+                record.lock().unwrap().push(d.as_secs());
+                std::future::ready(())
+            },
+        )
         .await;
         let slept = slept.lock().unwrap().clone();
         (result, slept)

@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-use kontext_broker_protocol::Secret;
+use kontext_broker_protocol::{ClientAuthMethod, Secret};
 use tokio_util::task::TaskTracker;
 
-use crate::idp::{validate_endpoint, Http};
+use crate::idp::{validate_endpoint, ClientAuth, Http};
 
 /// Upper bound on the whole background revocation.
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,8 +20,11 @@ pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct Discarded {
     /// RFC 7009 revocation endpoint; without one nothing is sent.
     pub endpoint: Option<String>,
-    pub client_id: String,
-    pub client_secret: Option<Secret>,
+    /// The token endpoint: the `aud` of a client assertion.
+    pub audience: String,
+    /// The client, and the method to authenticate it with (`None`: none known).
+    pub auth: ClientAuth,
+    pub method: Option<ClientAuthMethod>,
     pub access_token: Secret,
     pub refresh_token: Option<Secret>,
 }
@@ -60,15 +63,25 @@ impl Discarded {
             .map(|t| (t, "refresh_token"))
             .chain(std::iter::once((&self.access_token, "access_token")));
         for (token, hint) in tokens {
+            let Some(method) = self.method else {
+                tracing::warn!(
+                    "not revoking the refused login's tokens: no client authentication method fits"
+                );
+                return;
+            };
+            // A fresh assertion per request: a `jti` is single use.
+            let prepared = match self.auth.prepare(method, &self.audience) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    tracing::warn!("not revoking the refused login's tokens: {e}");
+                    return;
+                }
+            };
             let mut form = vec![("token", token.expose()), ("token_type_hint", hint)];
-            let secret = self.client_secret.as_ref().map(Secret::expose);
-            if secret.is_none() {
-                form.push(("client_id", &self.client_id));
-            }
-            let basic = secret.map(|s| (self.client_id.as_str(), s));
-            match http.post_form(endpoint, &form, basic).await {
-                Ok(200) => tracing::info!(%endpoint, "revoked the refused login's {hint}"),
-                Ok(status) => tracing::warn!(
+            form.extend(prepared.form_fields());
+            match http.post_form(endpoint, &form, prepared.basic()).await {
+                Ok((200, _)) => tracing::info!(%endpoint, "revoked the refused login's {hint}"),
+                Ok((status, _)) => tracing::warn!(
                     %endpoint,
                     "the provider refused to revoke the refused login's {hint}: HTTP {status}"
                 ),

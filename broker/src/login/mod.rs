@@ -36,17 +36,18 @@ mod verify;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kontext_broker_protocol::{EndpointOverrides, Secret};
+use kontext_broker_protocol::{ClientAuthMethod, ClientCredential, EndpointOverrides, Secret};
 use openidconnect::core::{CoreAuthPrompt, CoreAuthenticationFlow, CoreErrorResponseType};
 use openidconnect::{
-    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce,
-    OAuth2TokenResponse, PkceCodeChallenge, RedirectUrl, RequestTokenError, Scope,
-    StandardErrorResponse, TokenUrl,
+    AuthUrl, AuthorizationCode, ClientId, CsrfToken, EndpointState, IssuerUrl, Nonce,
+    OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError,
+    Scope, StandardErrorResponse, TokenUrl,
 };
 use tokio_util::task::TaskTracker;
 
 use crate::clock::SystemClock;
-use crate::idp::{discover_metadata, Http};
+use crate::idp::client_auth::{check_client_key, check_method, Prepared};
+use crate::idp::{discover_metadata, ClientAuth, EndpointKind, Http};
 use crate::store::Endpoints;
 
 pub use discard::REVOKE_TIMEOUT;
@@ -87,8 +88,12 @@ pub struct LoginOptions {
     pub issuer: String,
     /// Client to log in as. Required unless `register` is set.
     pub client_id: Option<String>,
-    /// Secret of a confidential client (sent with HTTP Basic auth).
+    /// Secret of a confidential client.
     pub client_secret: Option<Secret>,
+    /// PEM private key of a `private_key_jwt` client (exclusive with the secret).
+    pub client_key: Option<Secret>,
+    /// Client authentication method; `None` chooses from the server's metadata.
+    pub client_auth: Option<ClientAuthMethod>,
     /// Scopes to ask for. Empty means `openid` (when the issuer publishes a
     /// JWKS). `offline_access` is added unless the server's `scopes_supported`
     /// lists scopes without it.
@@ -119,6 +124,8 @@ impl LoginOptions {
             issuer: issuer.into(),
             client_id: None,
             client_secret: None,
+            client_key: None,
+            client_auth: None,
             scopes: Vec::new(),
             endpoints: EndpointOverrides::default(),
             flow: Flow::CodePkce { open_browser: true },
@@ -137,6 +144,11 @@ pub struct LoginOutcome {
     pub client_id: String,
     /// Its secret, if it has one.
     pub client_secret: Option<Secret>,
+    /// Its private key, for `private_key_jwt`.
+    pub client_key: Option<Secret>,
+    /// The method to keep for the profile: the one asked for, or the one found
+    /// to work when the first the server listed was refused.
+    pub client_auth: Option<ClientAuthMethod>,
     /// The scopes that were requested (the profile's scopes).
     pub scopes: Vec<String>,
     /// The token endpoint's answer as RFC 6749 §5.1 JSON; always has a `refresh_token`.
@@ -224,6 +236,16 @@ pub enum LoginError {
     /// The token or device endpoint refused the request.
     #[error("the identity provider rejected the token request: {0}")]
     Token(String),
+    /// The IdP refused the client's credential (`invalid_client`, `unauthorized_client`).
+    #[error("the identity provider {issuer} rejected client `{client_id}` ({detail}); check the client secret or key file and --client-auth, then log in again")]
+    ClientRejected {
+        /// The issuer asked.
+        issuer: String,
+        /// The client id used.
+        client_id: String,
+        /// The OAuth error code and the IdP's description, sanitised.
+        detail: String,
+    },
     /// The IdP could not be reached or failed transiently.
     #[error("identity provider unavailable: {0}")]
     IdpUnavailable(String),
@@ -334,13 +356,28 @@ pub async fn login(
     let token_url = TokenUrl::new(endpoints.token.clone())
         .map_err(|e| LoginError::Unsupported(format!("token endpoint URL: {e}")))?;
     // The client's own key set stays empty: ID tokens are checked by `verify`.
-    let mut client = BareClient::new(ClientId::new(client_id.clone()), issuer, Default::default())
+    // The client's credential is set per request (see `ClientAuth`).
+    let client = BareClient::new(ClientId::new(client_id.clone()), issuer, Default::default())
         .set_token_uri(token_url)
         // The scope list is ours to decide (see `requested_scopes`).
         .disable_openid_scope();
-    if let Some(secret) = &client_secret {
-        client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
+    let credential = match (&opts.client_key, &client_secret) {
+        (Some(key), _) if !opts.register => ClientCredential::PrivateKey(key.clone()),
+        (_, Some(secret)) => ClientCredential::Secret(secret.clone()),
+        _ => ClientCredential::None,
+    };
+    if let ClientCredential::PrivateKey(key) = &credential {
+        check_client_key(key).map_err(|e| LoginError::Usage(e.to_string()))?;
     }
+    if let Some(method) = opts.client_auth {
+        check_method(&credential, method).map_err(|e| LoginError::Usage(e.to_string()))?;
+    }
+    let auth = ClientAuth {
+        client_id: client_id.clone(),
+        credential,
+        configured: opts.client_auth,
+        remembered: None,
+    };
 
     let ctx = LoginContext {
         http,
@@ -349,6 +386,8 @@ pub async fn login(
         scopes,
         client_id,
         client_secret,
+        auth,
+        detected: std::sync::Mutex::new(None),
         keys,
     };
     match opts.flow {
@@ -358,7 +397,8 @@ pub async fn login(
         Flow::Device => {
             let response = device::device_flow(&ctx, client, ui)
                 .await
-                .map_err(|e| name_scopes(e, &ctx.scopes))?;
+                .map_err(|e| name_scopes(e, &ctx.scopes))
+                .map_err(|e| ctx.client_error(e))?;
             ctx.accept(response, None).await
         }
     }
@@ -384,11 +424,38 @@ struct LoginContext<'a> {
     scopes: Vec<String>,
     client_id: String,
     client_secret: Option<Secret>,
+    /// How the client authenticates; set per request.
+    auth: ClientAuth,
+    /// The secret method found to work after the first one listed was refused.
+    detected: std::sync::Mutex<Option<ClientAuthMethod>>,
     /// The issuer's keys, when an ID token is expected.
     keys: Option<JwksCache>,
 }
 
 impl LoginContext<'_> {
+    /// The client authentication methods to try at `kind`, in order.
+    fn attempts(&self, kind: EndpointKind) -> Vec<ClientAuthMethod> {
+        self.auth.attempts(&self.discovered.endpoints, kind)
+    }
+
+    /// The request parts for `method` (a fresh assertion for `private_key_jwt`).
+    fn prepare(&self, method: ClientAuthMethod) -> Result<Prepared, LoginError> {
+        self.auth
+            .prepare(method, &self.discovered.endpoints.token)
+            .map_err(|e| LoginError::Usage(e.to_string()))
+    }
+
+    /// Notes that `method` worked after the first choice was refused, so the
+    /// profile keeps it.
+    fn detected(&self, method: ClientAuthMethod) {
+        *self.detected.lock().unwrap_or_else(|e| e.into_inner()) = Some(method);
+    }
+
+    /// Gives a client rejection the wording that names the issuer and the client.
+    fn client_error(&self, e: LoginError) -> LoginError {
+        client_error(e, &self.discovered.issuer, &self.client_id)
+    }
+
     /// The checks every token response passes, in both flows: the ID token
     /// (nonce only when one was sent) and a refresh token. A refused response
     /// has its tokens revoked in the background and nothing is returned.
@@ -401,10 +468,13 @@ impl LoginContext<'_> {
         let identity = match checked {
             Ok(identity) => identity,
             Err(e) => {
+                let detected = *self.detected.lock().unwrap_or_else(|e| e.into_inner());
                 discard::Discarded {
                     endpoint: self.discovered.endpoints.revocation.clone(),
-                    client_id: self.client_id.clone(),
-                    client_secret: self.client_secret.clone(),
+                    audience: self.discovered.endpoints.token.clone(),
+                    method: detected
+                        .or_else(|| self.attempts(EndpointKind::Revocation).first().copied()),
+                    auth: self.auth.clone(),
                     access_token: Secret::new(response.access_token().secret().clone()),
                     refresh_token: response
                         .refresh_token()
@@ -416,9 +486,19 @@ impl LoginContext<'_> {
         };
         let json = serde_json::to_string(&response)
             .map_err(|e| LoginError::Token(format!("cannot re-encode the token response: {e}")))?;
+        let client_key = match &self.auth.credential {
+            ClientCredential::PrivateKey(key) => Some(key.clone()),
+            _ => None,
+        };
+        let detected = *self.detected.lock().unwrap_or_else(|e| e.into_inner());
         Ok(LoginOutcome {
             client_id: self.client_id.clone(),
-            client_secret: self.client_secret.clone(),
+            client_secret: client_key
+                .is_none()
+                .then(|| self.client_secret.clone())
+                .flatten(),
+            client_key,
+            client_auth: self.auth.configured.or(detected),
             scopes: self.scopes.clone(),
             token_response: Secret::new(json),
             subject: identity.map(|i| i.account().to_owned()),
@@ -561,17 +641,76 @@ async fn code_flow(
     drop(listener);
     // The browser waits (at most `HOLD_LIMIT`) for the outcome of this part.
     let result = async {
-        let response = client
-            .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
-            .set_pkce_verifier(verifier)
-            .request_async(ctx.http)
-            .await
-            .map_err(token_error)?;
+        let response = exchange_code(ctx, &client, &code, &verifier).await?;
         ctx.accept(response, Some(&nonce)).await
     }
     .await;
     reply.finish(ctx.page(&result));
     result
+}
+
+/// Redeems the authorization code, with each client authentication method to
+/// try. The server refuses a client before it looks at the code, so after an
+/// `invalid_client` the code is still good for the other method.
+async fn exchange_code(
+    ctx: &LoginContext<'_>,
+    client: &LoginClient<openidconnect::EndpointSet>,
+    code: &Secret,
+    verifier: &PkceCodeVerifier,
+) -> Result<RawTokenResponse, LoginError> {
+    let attempts = ctx.attempts(EndpointKind::Token);
+    for (i, method) in attempts.iter().enumerate() {
+        let prepared = ctx.prepare(*method)?;
+        let configured = with_client_auth(&prepared, client.clone());
+        let mut request = configured
+            .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.secret().clone()));
+        for (name, value) in prepared.extra_params() {
+            request = request.add_extra_param(name, value);
+        }
+        match request.request_async(ctx.http).await {
+            Ok(response) => {
+                if i > 0 {
+                    ctx.detected(*method);
+                }
+                return Ok(response);
+            }
+            Err(RequestTokenError::ServerResponse(r))
+                if r.error().as_ref() == "invalid_client" && i + 1 < attempts.len() => {}
+            Err(e) => return Err(ctx.client_error(token_error(e))),
+        }
+    }
+    Err(LoginError::Usage(
+        "no client authentication method to try".into(),
+    ))
+}
+
+/// Sets `prepared`'s secret and auth style on a login client.
+fn with_client_auth<A: EndpointState, D: EndpointState, T: EndpointState>(
+    prepared: &Prepared,
+    client: LoginClient<A, D, T>,
+) -> LoginClient<A, D, T> {
+    match prepared.secret_and_style() {
+        Some((secret, style)) => client.set_client_secret(secret).set_auth_type(style),
+        None => client,
+    }
+}
+
+/// Gives a client rejection the wording that names the issuer and the client.
+pub(crate) fn client_error(e: LoginError, issuer: &str, client_id: &str) -> LoginError {
+    match e {
+        LoginError::Token(detail)
+            if detail.starts_with("invalid_client")
+                || detail.starts_with("unauthorized_client") =>
+        {
+            LoginError::ClientRejected {
+                issuer: issuer.to_owned(),
+                client_id: client_id.to_owned(),
+                detail,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Describes a failed token-endpoint call without echoing any body.
@@ -636,6 +775,29 @@ pub(crate) fn request_failure<RE: std::error::Error + 'static, TE: openidconnect
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejected_client_at_the_code_exchange_is_named_with_its_fix() {
+        let e = client_error(
+            LoginError::Token("invalid_client: client authentication failed".into()),
+            "https://idp.example",
+            "cli",
+        );
+        assert!(matches!(e, LoginError::ClientRejected { .. }), "{e:?}");
+        let text = e.to_string();
+        for needle in [
+            "https://idp.example",
+            "`cli`",
+            "invalid_client",
+            "--client-auth",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing: {text}");
+        }
+        let other = client_error(LoginError::Token("invalid_grant".into()), "i", "c");
+        assert!(matches!(other, LoginError::Token(_)));
+        let unauthorized = client_error(LoginError::Token("unauthorized_client".into()), "i", "c");
+        assert!(matches!(unauthorized, LoginError::ClientRejected { .. }));
+    }
 
     #[test]
     fn offline_access_is_requested_once_when_the_server_lists_it_or_lists_nothing() {

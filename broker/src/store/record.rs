@@ -1,6 +1,6 @@
 //! What one profile file holds, decrypted. Serialized as JSON inside age.
 
-use kontext_broker_protocol::{Secret, Token};
+use kontext_broker_protocol::{ClientAuthMethod, LifetimeSource, Secret, Token};
 use serde::{Deserialize, Serialize};
 
 /// Current on-disk format version of [`ProfileRecord`].
@@ -17,6 +17,12 @@ pub struct Endpoints {
     pub userinfo: Option<String>,
     pub introspection: Option<String>,
     pub jwks_uri: Option<String>,
+    /// `token_endpoint_auth_methods_supported`; `None` when the server lists nothing.
+    #[serde(default)]
+    pub token_auth_methods: Option<Vec<String>>,
+    /// `revocation_endpoint_auth_methods_supported`; `None` when the server lists nothing.
+    #[serde(default)]
+    pub revocation_auth_methods: Option<Vec<String>>,
 }
 
 /// The cached access token, persisted so a restart need not refresh.
@@ -29,6 +35,9 @@ pub struct StoredAccessToken {
     /// Unix seconds.
     pub expires_at: u64,
     pub scopes: Vec<String>,
+    /// Where the lifetime came from; `None` in files written before it was recorded.
+    #[serde(default)]
+    pub lifetime_source: Option<LifetimeSource>,
 }
 
 /// Everything the broker keeps about one profile.
@@ -42,6 +51,20 @@ pub struct ProfileRecord {
     pub issuer: String,
     pub client_id: String,
     pub client_secret: Option<Secret>,
+    /// PEM private key for `private_key_jwt`; exclusive with `client_secret`.
+    #[serde(default)]
+    pub client_key: Option<Secret>,
+    /// The client authentication method the user chose (`--client-auth`); wins over discovery.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthMethod>,
+    /// The method found to work when the server listed both secret methods and
+    /// the first was refused (auto-detect); tried first from then on.
+    #[serde(default)]
+    pub client_auth_detected: Option<ClientAuthMethod>,
+    /// Set while the IdP rejects the client (not the grant): why, sanitized.
+    /// The refresh token stays; the profile is `client_rejected` until the client changes.
+    #[serde(default)]
+    pub client_rejected: Option<String>,
     pub scopes: Vec<String>,
     pub audience: Option<String>,
     pub endpoints: Endpoints,

@@ -408,7 +408,7 @@ fn login_response(
             state: RefreshState::Current,
         },
     );
-    let (access, ttl) = st.issue_access_token(grant);
+    let (access, ttl) = st.issue_access_token(grant, false);
     st.oidc.issued.push(access.clone());
     let mut body = json!({
         "access_token": access,

@@ -14,6 +14,7 @@ fn short(n: u64, lifetime: Duration) -> Result<Refreshed, RefreshError> {
         expires_in: Some(lifetime),
         refresh_token: Some(Secret::new(format!("rt-s{n}"))),
         scopes: None,
+        client_auth_detected: None,
     })
 }
 

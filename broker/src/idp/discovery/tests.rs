@@ -352,3 +352,24 @@ fn issuer_mismatch_and_downgrades_are_refused() {
     )
     .is_err());
 }
+
+#[test]
+fn auth_method_lists_reach_the_stored_endpoints() {
+    let meta = Metadata {
+        issuer: "https://a.example".into(),
+        token_endpoint: Some("https://a.example/t".into()),
+        token_endpoint_auth_methods_supported: Some(vec![
+            "client_secret_post".into(),
+            "x".repeat(100),
+        ]),
+        ..Metadata::default()
+    };
+    let e = meta
+        .endpoints("https://a.example", &EndpointOverrides::default())
+        .unwrap();
+    assert_eq!(
+        e.token_auth_methods.as_deref(),
+        Some(&["client_secret_post".to_owned()][..])
+    );
+    assert_eq!(e.revocation_auth_methods, None);
+}
