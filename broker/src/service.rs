@@ -294,6 +294,15 @@ impl Service {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The watcher channel of `profile`: the existing one, so watchers carry
+    /// over to a new engine, or a new one.
+    fn events_of(&self, profile: &str) -> broadcast::Sender<WatchEvent> {
+        self.lock_profiles()
+            .get(profile)
+            .map(|s| s.events.clone())
+            .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0)
+    }
+
     fn engine(&self, profile: &str) -> Result<Arc<EngineHandle>, BrokerError> {
         match self.lock_profiles().get(profile).map(|s| &s.entry) {
             Some(Entry::Engine(engine)) => Ok(engine.clone()),
@@ -384,13 +393,14 @@ impl Service {
                     if let Some(table) = self.inner.config.profiles.get(&name) {
                         table.apply_to(&mut record.endpoints);
                     }
+                    let events = profiles
+                        .get(&name)
+                        .map(|s| s.events.clone())
+                        .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0);
                     Entry::Engine(Arc::new(engine::spawn(
                         record,
                         self.inner.deps.clone(),
-                        profiles
-                            .get(&name)
-                            .map(|s| s.events.clone())
-                            .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0),
+                        events,
                     )))
                 }
                 Err(Error::Locked) => Entry::Locked,
@@ -551,24 +561,16 @@ impl Service {
                     // A stale client of the old session must not hit a live generation.
                     record.generation = record.generation.max(last_generation + 1);
                 }
-                let store = self.inner.store.clone();
-                let to_save = record.clone();
-                tokio::task::spawn_blocking(move || store.save(&to_save))
-                    .await
-                    .map_err(|e| Error::io("saving the profile", std::io::Error::other(e)))??;
+                let events = self.events_of(&name);
+                // The engine saves the new profile before it runs (only an
+                // engine writes a profile's file).
+                let engine = Arc::new(
+                    engine::create(record, self.inner.deps.clone(), events.clone()).await?,
+                );
                 let mut profiles = self.lock_profiles();
                 if self.closing() {
                     return Err(Error::Invalid("the broker is shutting down".into()));
                 }
-                let events = profiles
-                    .get(&name)
-                    .map(|s| s.events.clone())
-                    .unwrap_or_else(|| broadcast::channel(WATCH_BUFFER).0);
-                let engine = Arc::new(engine::spawn(
-                    record,
-                    self.inner.deps.clone(),
-                    events.clone(),
-                ));
                 let status = engine.status();
                 profiles.insert(
                     name.clone(),
@@ -607,9 +609,24 @@ impl Service {
                 }
             }
         };
+        // Delete first, through the engine (the only writer of the file); the
+        // grant is revoked after, from the record the engine hands back. A
+        // failed delete changes nothing: the profile is put back as it was.
         let record = match &previous {
-            Entry::Engine(engine) => engine.stop().await,
-            _ => None,
+            Entry::Engine(engine) => match engine.remove().await {
+                Ok(record) => Some(record),
+                Err(e) => return Err(self.restore(profile, previous, e)),
+            },
+            // An unreadable file has no engine; logout deletes it itself.
+            _ => {
+                let store = self.inner.store.clone();
+                let name = profile.to_owned();
+                match tokio::task::spawn_blocking(move || store.delete(&name)).await {
+                    Ok(Ok(())) | Ok(Err(Error::UnknownProfile(_))) => None,
+                    Ok(Err(e)) => return Err(self.restore(profile, previous, e)),
+                    Err(e) => return Err(BrokerError::internal(e.to_string())),
+                }
+            }
         };
         let (revoked, revoke_error) = match (&record, revoke) {
             (_, false) => (false, Some("revocation skipped (--no-revoke)".to_owned())),
@@ -636,39 +653,12 @@ impl Service {
                 {
                     Ok(()) => (true, None),
                     Err(e) => {
-                        warn!(profile, error = %e, "revocation failed; deleting the profile anyway");
+                        warn!(profile, error = %e, "revocation failed; the profile is deleted, its grant stays valid at the IdP");
                         (false, Some(e.to_string()))
                     }
                 },
             },
         };
-        let store = self.inner.store.clone();
-        let name = profile.to_owned();
-        let deleted = tokio::task::spawn_blocking(move || store.delete(&name))
-            .await
-            .map_err(|e| BrokerError::internal(e.to_string()))?;
-        if let Err(e) = deleted {
-            if !matches!(e, Error::UnknownProfile(_)) && !revoked {
-                // The file is still there: bring the profile back as it was.
-                // (After a revocation there is nothing worth bringing back.)
-                let mut profiles = self.lock_profiles();
-                if let Some(slot) = profiles.get_mut(profile).filter(|_| !self.closing()) {
-                    slot.entry = match record {
-                        Some(record) => Entry::Engine(Arc::new(engine::spawn(
-                            record,
-                            self.inner.deps.clone(),
-                            slot.events.clone(),
-                        ))),
-                        None => previous,
-                    };
-                }
-                return Err(e.to_wire());
-            }
-            if !matches!(e, Error::UnknownProfile(_)) {
-                warn!(profile, error = %e, "revoked, but the profile file could not be deleted");
-                return Err(e.to_wire());
-            }
-        }
         if let Some(slot) = self.lock_profiles().get(profile) {
             let _ = slot.events.send(WatchEvent::Removed {
                 profile: profile.to_owned(),
@@ -679,6 +669,16 @@ impl Service {
             revoked,
             revoke_error,
         })
+    }
+
+    /// Puts a profile hidden by a logout back as it was, after its file could
+    /// not be deleted; returns the error for the caller.
+    fn restore(&self, profile: &str, previous: Entry, e: Error) -> BrokerError {
+        warn!(profile, error = %e, "logout could not delete the profile; it stays");
+        if let Some(slot) = self.lock_profiles().get_mut(profile) {
+            slot.entry = previous;
+        }
+        e.to_wire()
     }
 
     /// `record` with a revocation endpoint, if one can be found. A profile saved

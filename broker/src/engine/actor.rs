@@ -26,8 +26,19 @@ const MIN_PROACTIVE_GAP_MS: u64 = 1000;
 /// Commands queued per engine before senders wait.
 const QUEUE: usize = 256;
 
-/// Starts the engine for `record`. `events` is the profile's watcher channel; it
-/// outlives engines so watchers survive lock/unlock and re-login.
+/// Starts the engine of a new profile: saves `record` first (the engine is the
+/// only writer of a profile's file), then runs it. Nothing runs if the save fails.
+pub async fn create(
+    record: ProfileRecord,
+    deps: EngineDeps,
+    events: broadcast::Sender<WatchEvent>,
+) -> crate::Result<EngineHandle> {
+    save(&deps, record.clone()).await?;
+    Ok(spawn(record, deps, events))
+}
+
+/// Starts the engine for `record`, already on disk. `events` is the profile's
+/// watcher channel; it outlives engines so watchers survive lock/unlock and re-login.
 pub fn spawn(
     record: ProfileRecord,
     deps: EngineDeps,
@@ -237,6 +248,21 @@ impl Actor {
                         let _ = reply.send(self.record.clone());
                         break;
                     }
+                    Some(Command::Remove { reply }) => {
+                        self.wait_for_job(&mut done_rx).await;
+                        match delete(&self.deps, self.record.name.clone()).await {
+                            Ok(()) => {
+                                // A handle that outlives the profile serves nothing.
+                                self.snapshot.send_modify(|snap| snap.token = None);
+                                let _ = reply.send(Ok(self.record.clone()));
+                                break;
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                                None
+                            }
+                        }
+                    }
                     Some(Command::Replace { record, reply }) => {
                         self.wait_for_job(&mut done_rx).await;
                         let _ = reply.send(self.replace(*record).await);
@@ -352,7 +378,10 @@ impl Actor {
                 }
             },
             Command::Nudge => self.on_wake(),
-            Command::Replace { .. } | Command::Stop { .. } | Command::SetClient { .. } => {
+            Command::Replace { .. }
+            | Command::Stop { .. }
+            | Command::Remove { .. }
+            | Command::SetClient { .. } => {
                 unreachable!("handled in run")
             }
         }
@@ -1017,6 +1046,13 @@ fn apply(
     record.client_rejected = None;
     record.generation += 1;
     record
+}
+
+async fn delete(deps: &EngineDeps, name: String) -> crate::Result<()> {
+    let persist = deps.persist.clone();
+    tokio::task::spawn_blocking(move || persist.delete(&name))
+        .await
+        .map_err(|e| crate::Error::io("deleting the profile", std::io::Error::other(e)))?
 }
 
 async fn save(deps: &EngineDeps, record: ProfileRecord) -> crate::Result<()> {

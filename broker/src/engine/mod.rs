@@ -6,8 +6,9 @@
 //!   it exists exactly while the phase is [`Phase::Busy`]. Every caller that needs
 //!   its result waits on it (single-flight).
 //! - All writes of a profile's file happen inside that profile's jobs or the actor
-//!   itself, so they are serialized; a replacement (import/login) waits for the
-//!   running job to finish first.
+//!   itself (its first save in [`create`], its delete in [`EngineHandle::remove`]),
+//!   so they are serialized; a replacement (import/login) waits for the running
+//!   job to finish first.
 //! - A rotated refresh token is saved before the new access token is served: a
 //!   token whose record is not durable is never handed out.
 //! - After the IdP rejects the grant the phase is [`Phase::ReauthRequired`] and no
@@ -38,7 +39,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::ProfileRecord;
 
-pub use actor::spawn;
+pub use actor::{create, spawn};
 
 /// Tuning of the engines, from [`Config`].
 #[derive(Debug, Clone)]
@@ -127,11 +128,16 @@ pub trait TokenEndpoint: Send + Sync + 'static {
 pub trait Persist: Send + Sync + 'static {
     /// Atomically replaces the record's file. Blocking; engines call it off the runtime.
     fn save(&self, record: &ProfileRecord) -> crate::Result<()>;
+    /// Deletes the profile's file (durably). Blocking, like `save`.
+    fn delete(&self, name: &str) -> crate::Result<()>;
 }
 
 impl Persist for crate::store::Store {
     fn save(&self, record: &ProfileRecord) -> crate::Result<()> {
         crate::store::Store::save(self, record)
+    }
+    fn delete(&self, name: &str) -> crate::Result<()> {
+        crate::store::Store::delete(self, name)
     }
 }
 
@@ -216,6 +222,11 @@ pub(crate) enum Command {
     /// Finish the running job, then stop and hand back the final record.
     Stop {
         reply: oneshot::Sender<ProfileRecord>,
+    },
+    /// Delete the profile's file after the running job; on success the actor
+    /// hands back its last record and ends, on failure it keeps serving.
+    Remove {
+        reply: oneshot::Sender<crate::Result<ProfileRecord>>,
     },
 }
 
@@ -310,6 +321,20 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Stop { reply }).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Logout's half of the engine: deletes the profile's file (after the
+    /// running job, if any), then stops and returns the last record so its
+    /// grant can be revoked. If the delete fails the engine keeps serving.
+    pub async fn remove(&self) -> crate::Result<ProfileRecord> {
+        let gone =
+            || crate::Error::Invalid(format!("the engine of profile `{}` has stopped", self.name));
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Remove { reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// The profile's status at the current time.

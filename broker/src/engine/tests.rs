@@ -2,6 +2,7 @@
 //! in-memory store. Waits are on observable events; timeouts are safety nets only.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
 use futures::future::join_all;
@@ -105,6 +106,7 @@ impl TokenEndpoint for Arc<ScriptedIdp> {
 #[derive(Default)]
 struct MemoryStore {
     saved: Mutex<Vec<ProfileRecord>>,
+    deleted: AtomicUsize,
     fail: std::sync::atomic::AtomicBool,
 }
 
@@ -127,9 +129,20 @@ impl Persist for Arc<MemoryStore> {
         self.saved.lock().unwrap().push(record.clone());
         Ok(())
     }
+    fn delete(&self, _name: &str) -> crate::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(crate::Error::io(
+                "delete",
+                std::io::Error::other("read-only"),
+            ));
+        }
+        self.deleted.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 struct Rig {
+    deps: EngineDeps,
     clock: ManualClock,
     idp: Arc<ScriptedIdp>,
     store: Arc<MemoryStore>,
@@ -189,8 +202,9 @@ fn rig_with(record: ProfileRecord) -> Rig {
         },
     };
     let (events, _) = broadcast::channel(64);
-    let engine = spawn(record, deps, events);
+    let engine = spawn(record, deps.clone(), events);
     Rig {
+        deps,
         clock,
         idp,
         store,
@@ -840,3 +854,44 @@ async fn a_failed_delete_of_the_dead_refresh_token_is_retried_and_reauth_stays()
 }
 
 mod storm;
+
+#[tokio::test]
+async fn remove_deletes_the_file_through_the_actor_and_ends_the_engine() {
+    let rig = fresh_rig();
+    let record = rig.engine.remove().await.unwrap();
+    assert_eq!(record.refresh_token.unwrap().expose(), "rt-0");
+    assert_eq!(rig.store.deleted.load(Ordering::SeqCst), 1);
+    // The actor is gone: nothing more is served or written.
+    assert!(rig.engine.get_token(0).await.is_err());
+    assert!(rig.engine.remove().await.is_err());
+    assert_eq!(rig.store.deleted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_failed_remove_keeps_the_engine_serving() {
+    let rig = fresh_rig();
+    rig.store.fail.store(true, Ordering::SeqCst);
+    assert!(rig.engine.remove().await.is_err());
+    assert_eq!(rig.store.deleted.load(Ordering::SeqCst), 0);
+    rig.store.fail.store(false, Ordering::SeqCst);
+    assert_eq!(
+        rig.engine.get_token(0).await.unwrap().access_token.expose(),
+        "at-0"
+    );
+}
+
+#[tokio::test]
+async fn create_saves_before_the_engine_runs_and_runs_nothing_when_the_save_fails() {
+    let rig = fresh_rig();
+    let deps = rig.deps.clone();
+    let events = tokio::sync::broadcast::channel(8).0;
+    rig.store.fail.store(true, Ordering::SeqCst);
+    assert!(create(record(T0_MS / 1000), deps.clone(), events.clone())
+        .await
+        .is_err());
+    rig.store.fail.store(false, Ordering::SeqCst);
+    let before = rig.store.saved.lock().unwrap().len();
+    let engine = create(record(T0_MS / 1000), deps, events).await.unwrap();
+    assert_eq!(rig.store.saved.lock().unwrap().len(), before + 1);
+    assert_eq!(engine.status().generation, 1);
+}
