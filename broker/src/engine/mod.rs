@@ -394,4 +394,6 @@ impl EngineHandle {
 }
 
 #[cfg(test)]
+mod chaos_tests;
+#[cfg(test)]
 mod tests;
