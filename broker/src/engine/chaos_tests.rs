@@ -171,10 +171,11 @@ enum Outcome {
     Rejected,
 }
 
-/// One token-endpoint call: when it started (manual ms) and how it ended.
+/// One token-endpoint call: when it started and ended (manual ms), and how.
 #[derive(Debug, Clone, Copy)]
 struct Call {
     at_ms: u64,
+    ended_ms: u64,
     outcome: Option<Outcome>,
 }
 
@@ -229,6 +230,7 @@ impl TokenEndpoint for Arc<Chaos> {
                 let mut calls = me.calls.lock().unwrap();
                 calls.push(Call {
                     at_ms: me.clock.now_ms(),
+                    ended_ms: 0,
                     outcome: None,
                 });
                 calls.len() - 1
@@ -240,7 +242,11 @@ impl TokenEndpoint for Arc<Chaos> {
                 Err(RefreshError::Transient(_)) => Outcome::Transient,
                 Err(RefreshError::Rejected(_)) => Outcome::Rejected,
             };
-            me.calls.lock().unwrap()[index].outcome = Some(outcome);
+            {
+                let mut calls = me.calls.lock().unwrap();
+                calls[index].outcome = Some(outcome);
+                calls[index].ended_ms = me.clock.now_ms();
+            }
             me.changed.notify_waiters();
             result
         })
@@ -446,12 +452,12 @@ impl Rig {
         handle
     }
 
-    /// The backoff delay the engine chose after call `n` failed.
+    /// The backoff delay the engine chose when failed call `n` ended.
     fn backoff_after(&self, snap: &Snapshot, n: usize) -> u64 {
         let PhaseKind::Backoff { until_ms } = snap.phase else {
             panic!("not backing off after failed call {n}: {:?}", snap.phase)
         };
-        until_ms - self.chaos.calls()[n - 1].at_ms
+        until_ms - self.chaos.calls()[n - 1].ended_ms
     }
 }
 
@@ -498,7 +504,7 @@ async fn a_ten_minute_outage_serves_the_valid_token_and_retries_on_the_backoff_s
         let token = rig.ask().await.expect("the valid token is served");
         assert_eq!(token.generation, 1);
         assert_eq!(rig.chaos.count(), n, "no call before the backoff ends");
-        let retry_at = call.at_ms + delay;
+        let retry_at = call.ended_ms + delay;
         if retry_at > end && matches!(*rig.chaos.mode.lock().unwrap(), Mode::Refused) {
             // The IdP comes back before the next retry.
             rig.jump_to(end.max(rig.now()));
@@ -512,7 +518,7 @@ async fn a_ten_minute_outage_serves_the_valid_token_and_retries_on_the_backoff_s
     // Recovery: the first retry after the IdP came back succeeded, so it came
     // within one backoff step of the end of the outage.
     assert!(recovered_at >= end);
-    let last_delay = recovered_at - rig.chaos.calls()[n - 2].at_ms;
+    let last_delay = recovered_at - rig.chaos.calls()[n - 2].ended_ms;
     assert!(recovered_at - end <= last_delay);
     let outage_calls = n - 1;
     // 600 s of delays from 1 s doubling with up to 100% jitter: 9 or 10 calls
@@ -547,7 +553,7 @@ async fn after_expiry_an_outage_answers_unavailable_at_once_and_never_calls_duri
         if rig.now() >= expires_ms {
             break;
         }
-        rig.jump_to(rig.chaos.calls()[n - 1].at_ms + delay);
+        rig.jump_to(rig.chaos.calls()[n - 1].ended_ms + delay);
         n += 1;
     }
     // Expired and backing off: 200 concurrent requests are answered at once,
@@ -676,7 +682,7 @@ async fn a_fifty_percent_flapping_idp_keeps_tokens_served_and_follows_the_schedu
                 let delay = rig.backoff_after(&snap, n);
                 assert_backoff(streak, delay);
                 streak += 1;
-                call.at_ms + delay
+                call.ended_ms + delay
             }
             other => panic!("call {n}: {other:?}"),
         };
