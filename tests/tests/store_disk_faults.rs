@@ -1,5 +1,5 @@
-//! Disk faults under the real broker: a full disk and a write error (the state
-//! dir's filesystem turned read-only) while refreshing with rotation, and a
+//! Disk faults under the real broker: a full disk and a write error (an
+//! immutable profiles directory) while refreshing with rotation, and a
 //! read-only state dir at startup.
 //!
 //! The state dir is a small tmpfs mounted for the test, so these need root
@@ -68,7 +68,7 @@ impl Drop for Tmpfs {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("running mount");
+    let out = cmd.output().expect("running a mount/chattr command");
     assert!(
         out.status.success(),
         "{cmd:?}: {}",
@@ -123,7 +123,8 @@ async fn wait_status(client: &BrokerClient, want: impl Fn(ProfileState, Option<&
 enum Fault {
     /// The filesystem is full (ENOSPC).
     Full,
-    /// Writes fail (the filesystem turned read-only: EROFS).
+    /// Writes fail: the profiles directory is made immutable (`chattr +i`),
+    /// so creating the temp file fails with EPERM, even for root.
     WriteError,
 }
 
@@ -149,8 +150,11 @@ async fn save_fails_then_recovers(fault: Fault) {
             ("No space left on device", "a full disk")
         }
         Fault::WriteError => {
-            fs.remount("ro");
-            ("Read-only file system", "a write error")
+            let Some(chattr) = prereq::tool("chattr", "inject a write error") else {
+                return;
+            };
+            run(Command::new(chattr).arg("+i").arg(fs.dir.join("profiles")));
+            ("Operation not permitted", "a write error")
         }
     };
     // The IdP rotates; the broker cannot save the new refresh token.
@@ -182,7 +186,7 @@ async fn save_fails_then_recovers(fault: Fault) {
     // the session goes on without a new login or another IdP call.
     match fault {
         Fault::Full => std::fs::remove_file(&filler).unwrap(),
-        Fault::WriteError => fs.remount("rw"),
+        Fault::WriteError => run(Command::new("chattr").arg("-i").arg(fs.dir.join("profiles"))),
     }
     wait_status(&client, |state, err| {
         state == ProfileState::Valid && err.is_none()
