@@ -770,3 +770,18 @@ async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
     rig.engine.refresh().await.unwrap();
     assert_eq!(rig.server.presented().last().unwrap(), "rt-x6");
 }
+
+/// Found by fuzzing (`token_response`): a 400 body that is not JSON past a
+/// member name put that IdP-chosen name, with a DEL character, in `last_error`.
+#[tokio::test]
+async fn an_unreadable_answer_puts_no_control_character_in_last_error() {
+    let rig = rig(3600, 3600).await;
+    let body = "{\"err\u{7f}r\":xinvalid_request\",\"error\u{1b}_d\"}";
+    rig.server.push(400, body);
+    let token = rig.engine.refresh().await.unwrap();
+    assert_eq!(token.generation, 1, "the valid token is kept");
+    let status = rig.engine.status();
+    let last_error = status.last_error.unwrap();
+    assert!(last_error.starts_with("unreadable token response"), "{last_error}");
+    assert!(!last_error.chars().any(char::is_control), "{last_error:?}");
+}
