@@ -44,7 +44,10 @@ struct Harness {
 fn start(rt: &Runtime) -> Broker {
     let dir = scratch_dir();
     let socket = dir.path().join("broker.sock");
-    let profile_file = dir.path().join("state/profiles").join(format!("{SEEDED}.age"));
+    let profile_file = dir
+        .path()
+        .join("state/profiles")
+        .join(format!("{SEEDED}.age"));
     let service = rt.block_on(async {
         let service = service_in(dir.path(), socket.clone()).await;
         let listener = tokio::net::UnixListener::bind(&socket).expect("binding");
@@ -114,7 +117,9 @@ async fn decode_all(bytes: &[u8]) {
 
 /// Sends `bytes` to the broker and reads until it closes.
 async fn exchange(socket: &PathBuf, bytes: &[u8]) {
-    let mut conn = UnixStream::connect(socket).await.expect("broker stopped accepting");
+    let mut conn = UnixStream::connect(socket)
+        .await
+        .expect("broker stopped accepting");
     let run = async {
         // The broker may close first (a bad frame): a failed write is fine.
         let _ = conn.write_all(bytes).await;

@@ -48,8 +48,9 @@ fn harness() -> &'static Harness {
 }
 
 fn encrypt(recipient: &age::x25519::Recipient, plain: &[u8]) -> Vec<u8> {
-    let encryptor = age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
-        .expect("encryptor");
+    let encryptor =
+        age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
+            .expect("encryptor");
     let mut out = Vec::new();
     let mut w = encryptor.wrap_output(&mut out).expect("wrap");
     w.write_all(plain).expect("write");

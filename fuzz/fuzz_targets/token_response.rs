@@ -40,7 +40,9 @@ async fn serve(listener: TcpListener, next: Arc<Mutex<(u16, Vec<u8>)>>) {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             loop {
-                let Ok(n) = conn.read(&mut chunk).await else { return };
+                let Ok(n) = conn.read(&mut chunk).await else {
+                    return;
+                };
                 if n == 0 {
                     return;
                 }
@@ -85,7 +87,12 @@ fn harness() -> &'static Harness {
             addr
         });
         let idp = Idp::new(&kontext_broker_fuzz::fuzz_config()).expect("idp");
-        Harness { rt, idp, addr, next }
+        Harness {
+            rt,
+            idp,
+            addr,
+            next,
+        }
     })
 }
 

@@ -25,7 +25,14 @@ pub const SEEDED: &str = "default";
 /// Makes every HTTP client of this process fail fast instead of resolving names:
 /// reqwest honours these variables, and the proxy is a closed port.
 pub fn cut_network() {
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
         std::env::set_var(var, DEAD_URL);
     }
     std::env::remove_var("NO_PROXY");
@@ -45,7 +52,10 @@ pub fn fuzz_config() -> Config {
 pub struct InstantIdp;
 
 impl TokenEndpoint for InstantIdp {
-    fn refresh(&self, record: ProfileRecord) -> BoxFuture<'static, Result<Refreshed, RefreshError>> {
+    fn refresh(
+        &self,
+        record: ProfileRecord,
+    ) -> BoxFuture<'static, Result<Refreshed, RefreshError>> {
         let n = record.generation + 1;
         Box::pin(async move {
             Ok(Refreshed {
@@ -105,10 +115,7 @@ pub async fn service_in(dir: &std::path::Path, socket: PathBuf) -> Service {
     let idp = Idp::new(&config).expect("idp");
     let service = Service::with_parts(
         config,
-        ServiceInfo {
-            socket,
-            state_dir,
-        },
+        ServiceInfo { socket, state_dir },
         store,
         idp,
         Arc::new(InstantIdp),

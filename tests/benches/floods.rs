@@ -100,7 +100,11 @@ fn half_sent_frames(socket: &std::path::Path) -> Flood {
             let Ok(mut conn) = UnixStream::connect(&socket).await else {
                 return;
             };
-            if conn.write_all(&encode_frame(&hello()).unwrap()).await.is_err() {
+            if conn
+                .write_all(&encode_frame(&hello()).unwrap())
+                .await
+                .is_err()
+            {
                 return;
             }
             let mut welcome = [0u8; 256];
@@ -173,8 +177,8 @@ fn garbage_frames(socket: &std::path::Path) -> Flood {
                 frame.extend(payload);
                 let _ = conn.write_all(&frame).await;
                 let mut sink = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut sink))
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut sink)).await;
                 made.fetch_add(1, Ordering::SeqCst);
             }
         }));
@@ -289,7 +293,14 @@ fn main() {
         let client = BrokerClient::connect_to(broker.socket())
             .await
             .expect("connect");
-        import(&client, "default", &idp.issuer(), idp.client_id(), &idp.mint()).await;
+        import(
+            &client,
+            "default",
+            &idp.issuer(),
+            idp.client_id(),
+            &idp.mint(),
+        )
+        .await;
         client
     });
     let secs = flood_secs();
@@ -331,9 +342,7 @@ fn main() {
         let made = flood_rt.block_on(flood.end());
         settle(&client_rt, &client, 1);
         let after = rss_kib(broker.pid()).unwrap_or(0);
-        println!(
-            "{name:<28} {made:>9} {p50:>10.1?} {p99:>10.1?} {n:>9} {peak:>14} {after:>14}"
-        );
+        println!("{name:<28} {made:>9} {p50:>10.1?} {p99:>10.1?} {n:>9} {peak:>14} {after:>14}");
     }
     drop(client);
     drop(broker);

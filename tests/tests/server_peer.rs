@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kontext_broker_protocol::codec;
-use kontext_broker_testutil as prereq;
 use kontext_broker_tests::broker_process::{hello, BrokerOptions, BrokerProcess};
-
+use kontext_broker_testutil as prereq;
 
 /// Connects, sends a Hello, reads until one whole frame arrived or the broker
 /// closes; prints `<bytes received> <how it ended> <euid>`.
@@ -92,7 +91,8 @@ async fn foreign_uid_is_rejected_without_a_byte() {
     if !prereq::root(why) {
         return;
     }
-    let (Some(setpriv), Some(python)) = (prereq::tool("setpriv", why), prereq::tool("python3", why))
+    let (Some(setpriv), Some(python)) =
+        (prereq::tool("setpriv", why), prereq::tool("python3", why))
     else {
         return;
     };

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use kontext_broker::store::{Store, StoreOptions};
 use kontext_broker_client::{BrokerClient, Error, ProfileState};
-use kontext_broker_testutil as prereq;
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
 use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_testutil as prereq;
 
 /// Safety net for waits on conditions; never a timing assumption.
 const SAFETY: Duration = Duration::from_secs(30);
@@ -186,7 +186,9 @@ async fn save_fails_then_recovers(fault: Fault) {
     // the session goes on without a new login or another IdP call.
     match fault {
         Fault::Full => std::fs::remove_file(&filler).unwrap(),
-        Fault::WriteError => run(Command::new("chattr").arg("-i").arg(fs.dir.join("profiles"))),
+        Fault::WriteError => run(Command::new("chattr")
+            .arg("-i")
+            .arg(fs.dir.join("profiles"))),
     }
     wait_status(&client, |state, err| {
         state == ProfileState::Valid && err.is_none()

@@ -154,7 +154,9 @@ async fn sigkill_during_refresh_cycles_never_tears_a_profile() {
                     relogins += 1;
                     import(&client, name, &idp.issuer(), idp.client_id(), &idp.mint()).await;
                 }
-                (disk, other) => panic!("round {round}: {name} was {disk:?} on disk, got {other:?}"),
+                (disk, other) => {
+                    panic!("round {round}: {name} was {disk:?} on disk, got {other:?}")
+                }
             }
         }
         let done = Arc::new(AtomicU64::new(0));
@@ -162,14 +164,20 @@ async fn sigkill_during_refresh_cycles_never_tears_a_profile() {
         let target = rng.random_range(0..12u64);
         let deadline = Instant::now() + SAFETY;
         while done.load(Ordering::SeqCst) < target {
-            assert!(Instant::now() < deadline, "round {round}: refreshes stalled");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: refreshes stalled"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         // Random kill point inside the next refresh cycles.
         tokio::time::sleep(Duration::from_micros(rng.random_range(0..4000))).await;
         broker.sigkill();
         let status = broker.wait_exit(SAFETY);
-        assert!(status.code().is_none(), "round {round}: broker exited by itself: {status}");
+        assert!(
+            status.code().is_none(),
+            "round {round}: broker exited by itself: {status}"
+        );
         for task in tasks {
             task.await.unwrap();
         }
@@ -179,7 +187,10 @@ async fn sigkill_during_refresh_cycles_never_tears_a_profile() {
         predicted = inspect(&state, &idp, round);
         assert_eq!(corrupt_files(&state), Vec::<String>::new(), "round {round}");
     }
-    let lost_now = predicted.values().filter(|d| **d == OnDisk::Rotated).count();
+    let lost_now = predicted
+        .values()
+        .filter(|d| **d == OnDisk::Rotated)
+        .count();
     eprintln!(
         "{rounds} SIGKILLs during refresh cycles ({} profiles, {refreshes} completed refreshes, \
          {} IdP refreshes): 0 torn files, {} temp files left by kills (removed at start), \

@@ -223,7 +223,10 @@ impl Chaos {
 }
 
 impl TokenEndpoint for Arc<Chaos> {
-    fn refresh(&self, record: ProfileRecord) -> BoxFuture<'static, Result<Refreshed, RefreshError>> {
+    fn refresh(
+        &self,
+        record: ProfileRecord,
+    ) -> BoxFuture<'static, Result<Refreshed, RefreshError>> {
         let me = self.clone();
         Box::pin(async move {
             let index = {
@@ -559,12 +562,9 @@ async fn after_expiry_an_outage_answers_unavailable_at_once_and_never_calls_duri
     // Expired and backing off: 200 concurrent requests are answered at once,
     // with no IdP call among them.
     let calls = rig.chaos.count();
-    let answers = timeout(
-        SAFETY,
-        join_all_requests(&rig.engine, 200),
-    )
-    .await
-    .expect("requests hung during the backoff");
+    let answers = timeout(SAFETY, join_all_requests(&rig.engine, 200))
+        .await
+        .expect("requests hung during the backoff");
     for answer in answers {
         match answer {
             Err(BrokerError::IdpUnavailable {
@@ -610,7 +610,10 @@ async fn a_thirty_second_latency_spike_never_holds_a_request_past_the_http_timeo
     assert_eq!(rig.ask().await.unwrap().generation, 1);
     rig.jump_to(gives_up - 1);
     let cached = rig.snapshot().token.unwrap();
-    assert!(!policy::serves(&cached, rig.now(), 0), "must join the refresh");
+    assert!(
+        !policy::serves(&cached, rig.now(), 0),
+        "must join the refresh"
+    );
     let engine = rig.engine.clone();
     let waiting = rig.queued(async move { engine.get_token(0).await }).await;
     assert!(!waiting.is_finished(), "answered before the refresh ended");
@@ -696,7 +699,9 @@ async fn a_fifty_percent_flapping_idp_keeps_tokens_served_and_follows_the_schedu
 /// A token response body with this `expires_in` member (raw JSON, or absent).
 fn body_with_expiry(n: u64, expires_in: Option<&str>) -> String {
     let expiry = expires_in.map_or(String::new(), |e| format!(r#","expires_in":{e}"#));
-    format!(r#"{{"access_token":"at-x{n}","token_type":"Bearer","refresh_token":"rt-x{n}"{expiry}}}"#)
+    format!(
+        r#"{{"access_token":"at-x{n}","token_type":"Bearer","refresh_token":"rt-x{n}"{expiry}}}"#
+    )
 }
 
 #[tokio::test]
@@ -749,11 +754,19 @@ async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
             .unwrap()
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         assert_eq!(token.access_token.expose(), format!("at-x{i}"), "{name}");
-        assert!(ok(lifetime_of(&token)), "{name}: lifetime {}", lifetime_of(&token));
+        assert!(
+            ok(lifetime_of(&token)),
+            "{name}: lifetime {}",
+            lifetime_of(&token)
+        );
         assert!(policy::unexpired(&token, rig.now()), "{name}");
         // The rotated refresh token is on disk before the token is served.
         let saved = rig.store.load("chaos").unwrap();
-        assert_eq!(saved.refresh_token.unwrap().expose(), format!("rt-x{i}"), "{name}");
+        assert_eq!(
+            saved.refresh_token.unwrap().expose(),
+            format!("rt-x{i}"),
+            "{name}"
+        );
     }
 
     // No refresh_token in the answer: the old one stays and is presented next.
@@ -782,6 +795,9 @@ async fn an_unreadable_answer_puts_no_control_character_in_last_error() {
     assert_eq!(token.generation, 1, "the valid token is kept");
     let status = rig.engine.status();
     let last_error = status.last_error.unwrap();
-    assert!(last_error.starts_with("unreadable token response"), "{last_error}");
+    assert!(
+        last_error.starts_with("unreadable token response"),
+        "{last_error}"
+    );
     assert!(!last_error.chars().any(char::is_control), "{last_error:?}");
 }
