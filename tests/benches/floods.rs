@@ -27,7 +27,8 @@ use kontext_broker_protocol::codec::encode_frame;
 use kontext_broker_tests::broker_process::{broker_binary, hello, BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
 use kontext_broker_tests::scenario::import;
-use rand::RngCore;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -161,7 +162,8 @@ fn garbage_frames(socket: &std::path::Path) -> Flood {
     for _ in 0..8 {
         let (socket, stop, made) = (socket.to_owned(), flood.stop.clone(), flood.made.clone());
         flood.tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rng();
+            // A thread-local RNG is not `Send`; each task owns a seeded one.
+            let mut rng = StdRng::from_os_rng();
             while !stop.load(Ordering::SeqCst) {
                 let Ok(mut conn) = UnixStream::connect(&socket).await else {
                     continue;
