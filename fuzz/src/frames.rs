@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use kontext_broker::service::Service;
 use super::harness::{scratch_dir, service_in, SEEDED};
+use kontext_broker::service::Service;
 use kontext_broker_protocol::codec::{self, encode, encode_frame};
 use kontext_broker_protocol::{ClientMessage, FrameReader, Hello, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

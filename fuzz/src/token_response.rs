@@ -120,7 +120,10 @@ fn assert_shown_safely(subject: Option<String>, tokens: &[&str]) {
     );
     let outside = subject.replace(REDACTED, "\0");
     for token in tokens {
-        assert!(!outside.contains(token), "subject echoes a token: {subject:?}");
+        assert!(
+            !outside.contains(token),
+            "subject echoes a token: {subject:?}"
+        );
     }
 }
 

@@ -26,7 +26,7 @@ use kontext_broker_client::BrokerClient;
 use kontext_broker_protocol::codec::encode_frame;
 use kontext_broker_tests::broker_process::{broker_binary, hello, BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::import;
+use kontext_broker_tests::scenario::{connect, import};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -292,9 +292,7 @@ fn main() {
         ..BrokerOptions::default()
     });
     let client = client_rt.block_on(async {
-        let client = BrokerClient::connect_to(broker.socket())
-            .await
-            .expect("connect");
+        let client = connect(broker.socket()).await;
         import(
             &client,
             "default",

@@ -716,6 +716,8 @@ async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
     ] {
         let n = rig.chaos.count() + 1;
         rig.server.push(status, body);
+        // A forced refresh still keeps calls a second apart: step past the gap.
+        rig.jump_to(rig.now() + policy::MIN_CALL_GAP_MS);
         let answer = timeout(SAFETY, rig.engine.refresh()).await.unwrap();
         assert!(answer.is_ok(), "{body}: {answer:?}");
         assert_eq!(rig.chaos.calls()[n - 1].outcome, Some(Outcome::Transient));
@@ -748,7 +750,7 @@ async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
     ];
     for (i, (name, expiry, ok)) in cases.into_iter().enumerate() {
         rig.server.push(200, &body_with_expiry(i as u64, expiry));
-        rig.jump_to(rig.now() + 2_000); // past the 1 s spacing of calls
+        rig.jump_to(rig.now() + 2 * policy::MIN_CALL_GAP_MS); // past the gap between calls
         let token = timeout(SAFETY, rig.engine.refresh())
             .await
             .unwrap()
@@ -774,12 +776,12 @@ async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
         200,
         r#"{"access_token":"at-keep","token_type":"Bearer","expires_in":3600}"#,
     );
-    rig.jump_to(rig.now() + 2_000);
+    rig.jump_to(rig.now() + 2 * policy::MIN_CALL_GAP_MS);
     let token = rig.engine.refresh().await.unwrap();
     assert_eq!(token.access_token.expose(), "at-keep");
     let kept = rig.store.load("chaos").unwrap().refresh_token.unwrap();
     assert_eq!(kept.expose(), "rt-x6");
-    rig.jump_to(rig.now() + 2_000);
+    rig.jump_to(rig.now() + 2 * policy::MIN_CALL_GAP_MS);
     rig.engine.refresh().await.unwrap();
     assert_eq!(rig.server.presented().last().unwrap(), "rt-x6");
 }

@@ -263,12 +263,10 @@ pub fn classify_error<RE: std::error::Error + 'static>(
             "request failed: {}",
             sanitize::composed(&super::http::error_chain(&e), secrets)
         )),
-        RequestTokenError::Parse(e, _body) => {
-            RefreshError::Transient(format!(
-                "unreadable token response (at `{}`)",
-                json_path(&e.path().to_string())
-            ))
-        }
+        RequestTokenError::Parse(e, _body) => RefreshError::Transient(format!(
+            "unreadable token response (at `{}`)",
+            json_path(&e.path().to_string())
+        )),
         RequestTokenError::Other(detail) => RefreshError::Transient(format!(
             "unexpected token response: {}",
             sanitize::text_with(&detail, secrets)
