@@ -161,7 +161,7 @@ enum Mode {
     /// Connections are refused (the IdP host is down).
     Refused,
     /// Each call fails with 503 with probability 1/2, drawn from a seeded RNG.
-    Flapping(StdRng),
+    Flapping(Box<StdRng>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -656,7 +656,7 @@ async fn a_fifty_percent_flapping_idp_keeps_tokens_served_and_follows_the_schedu
     let rig = rig(20, 20).await;
     let (_, _watcher) = rig.engine.subscribe();
     rig.chaos
-        .set_mode(Mode::Flapping(StdRng::seed_from_u64(0x5eed_cafe)));
+        .set_mode(Mode::Flapping(Box::new(StdRng::seed_from_u64(0x5eed_cafe))));
     let mut streak = 0u32;
     let (mut ok, mut failed, mut unavailable) = (0, 0, 0);
     rig.jump_to(rig.snapshot().refresh_due_ms.unwrap());
@@ -704,6 +704,10 @@ fn body_with_expiry(n: u64, expires_in: Option<&str>) -> String {
     )
 }
 
+/// An odd `expires_in`: its name, the raw JSON (or absent), and what lifetime
+/// in seconds the broker may believe.
+type LifetimeCase = (&'static str, Option<&'static str>, fn(u64) -> bool);
+
 #[tokio::test]
 async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
     let rig = rig(3600, 3600).await;
@@ -737,7 +741,7 @@ async fn malformed_and_odd_token_responses_never_cost_the_valid_token() {
 
     // Odd lifetimes: what each one is believed to be.
     let lifetime_of = |token: &Token| token.expires_at - token.issued_at;
-    let cases: [(&str, Option<&str>, fn(u64) -> bool); 7] = [
+    let cases: [LifetimeCase; 7] = [
         ("zero", Some("0"), |l| l == 1),
         ("negative", Some("-5"), |l| (1..=300).contains(&l)),
         ("missing", None, |l| (1..=300).contains(&l)),
