@@ -9,7 +9,7 @@ use kontext_broker::store::{Endpoints, ProfileRecord, StoredAccessToken, PROFILE
 use kontext_broker_protocol::codec::{encode, encode_frame};
 use kontext_broker_protocol::{
     ClientAuthMethod, ClientCredential, ClientMessage, EndpointOverrides, Hello, ImportRequest,
-    Request, RequestFrame, Secret, SetClientRequest, PROTOCOL_VERSION,
+    LifetimeSource, Request, RequestFrame, Secret, SetClientRequest, PROTOCOL_VERSION,
 };
 
 fn write(dir: &str, name: &str, bytes: &[u8]) {
@@ -146,6 +146,10 @@ fn record() -> ProfileRecord {
         issuer: "https://idp.example".into(),
         client_id: "cli".into(),
         client_secret: Some(Secret::from("client-secret")),
+        client_key: None,
+        client_auth: Some(ClientAuthMethod::ClientSecretPost),
+        client_auth_detected: Some(ClientAuthMethod::ClientSecretBasic),
+        client_rejected: None,
         scopes: vec!["openid".into(), "offline_access".into()],
         audience: Some("https://api.example".into()),
         endpoints: Endpoints {
@@ -156,6 +160,7 @@ fn record() -> ProfileRecord {
         subject: Some("alice@example.com".into()),
         refresh_token: Some(Secret::from("rt-0")),
         access_token: Some(StoredAccessToken {
+            lifetime_source: Some(LifetimeSource::ExpiresIn),
             token: Secret::from("at-0"),
             token_type: "Bearer".into(),
             issued_at: 1_800_000_000,

@@ -64,6 +64,7 @@ impl TokenEndpoint for InstantIdp {
                 expires_in: Some(Duration::from_secs(3600)),
                 refresh_token: Some(Secret::new(format!("rt-{n}"))),
                 scopes: None,
+                client_auth_detected: None,
             })
         })
     }
@@ -77,6 +78,10 @@ pub fn seeded_record(now_secs: u64) -> ProfileRecord {
         issuer: DEAD_URL.into(),
         client_id: "cli".into(),
         client_secret: None,
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into()],
         audience: None,
         endpoints: Endpoints {
@@ -87,6 +92,7 @@ pub fn seeded_record(now_secs: u64) -> ProfileRecord {
         subject: Some("alice".into()),
         refresh_token: Some(Secret::from("rt-0")),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::from("at-0"),
             token_type: "Bearer".into(),
             issued_at: now_secs,

@@ -243,7 +243,9 @@ impl TokenEndpoint for Arc<Chaos> {
             let outcome = match &result {
                 Ok(_) => Outcome::Ok,
                 Err(RefreshError::Transient(_)) => Outcome::Transient,
-                Err(RefreshError::Rejected(_)) => Outcome::Rejected,
+                Err(RefreshError::Rejected(_) | RefreshError::ClientRejected(_)) => {
+                    Outcome::Rejected
+                }
             };
             {
                 let mut calls = me.calls.lock().unwrap();
@@ -303,6 +305,10 @@ fn record(token_url: String, lifetime: u64) -> ProfileRecord {
         issuer: "http://127.0.0.1".into(),
         client_id: "cli".into(),
         client_secret: None,
+        client_key: None,
+        client_auth: None,
+        client_auth_detected: None,
+        client_rejected: None,
         scopes: vec!["openid".into()],
         audience: None,
         endpoints: Endpoints {
@@ -312,6 +318,7 @@ fn record(token_url: String, lifetime: u64) -> ProfileRecord {
         subject: None,
         refresh_token: Some(Secret::from("rt-0")),
         access_token: Some(StoredAccessToken {
+            lifetime_source: None,
             token: Secret::from("at-0"),
             token_type: "Bearer".into(),
             issued_at: issued,
@@ -350,6 +357,8 @@ async fn rig(lifetime: u64, ttl: u64) -> Rig {
             backoff_max: BACKOFF_MAX,
             backoff_jitter: true,
             reauth_message: "Session expired, run `kontext login` to re-authenticate".into(),
+            default_token_lifetime: config.default_token_lifetime,
+            profile_token_lifetimes: Default::default(),
         },
     };
     let (events, _) = broadcast::channel(64);
