@@ -16,7 +16,7 @@
 //! these cases by comparing the stored refresh token with the IdP's current
 //! one, checks each prediction after the restart, and counts them.
 //!
-//! Rounds: env `KONTEXT_KILL_ROUNDS` (default 20, about 35 s on a loaded
+//! Rounds: env `KONTEXT_KILL_ROUNDS` (default 20, about 40 s on a loaded
 //! 2-core machine; docs/reliability.md has a 500-round run).
 
 use std::collections::BTreeMap;
