@@ -2,7 +2,7 @@
 //! and orderly shutdown (contract §1). `main` only parses [`Args`] and calls [`run`].
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, Write};
+use std::io::{ErrorKind, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -202,7 +202,12 @@ impl InstanceLock {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| io_err("opening", e))?;
+            .map_err(|e| match e.kind() {
+                ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied => {
+                    not_writable(state_dir, &path, e)
+                }
+                _ => io_err("opening", e),
+            })?;
         match file.try_lock() {
             Ok(()) => {
                 file.set_len(0).map_err(|e| io_err("truncating", e))?;
@@ -216,6 +221,17 @@ impl InstanceLock {
             Err(TryLockError::Error(e)) => Err(io_err("locking", e)),
         }
     }
+}
+
+/// The startup error for a state dir the broker cannot write to.
+fn not_writable(state_dir: &Path, lock: &Path, e: std::io::Error) -> Error {
+    let context = format!(
+        "the state directory {} is read-only or not writable (cannot create {}); make it \
+         writable, or choose another with --state-dir or KONTEXT_BROKER_STATE_DIR",
+        state_dir.display(),
+        lock.display()
+    );
+    Error::io(context, e)
 }
 
 /// Reads the lock holder's pid. The holder writes it right after locking, so an

@@ -182,8 +182,7 @@ fn state_dir_open_to_others_is_refused_with_the_fix() {
 #[test]
 fn files_of_another_uid_are_refused() {
     // Needs root to hand a file to another uid (CI runs as root).
-    if kontext_broker_protocol::paths::euid() != 0 {
-        eprintln!("skipped: needs root to chown");
+    if !kontext_broker_testutil::root("chown a file to another uid") {
         return;
     }
     let (_tmp, dir) = state_dir();

@@ -57,8 +57,7 @@ async fn missing_or_stale_socket_is_not_running() {
 
 #[tokio::test]
 async fn socket_owned_by_another_uid_is_refused_before_any_byte() {
-    if kontext_broker_protocol::paths::euid() != 0 {
-        println!("skipped: chown of the socket to another uid needs root");
+    if !kontext_broker_testutil::root("chown the socket to another uid") {
         return;
     }
     let mock = Mock::start(pong());
@@ -371,8 +370,7 @@ async fn peer_running_as_another_uid_is_refused() {
     use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    if kontext_broker_protocol::paths::euid() != 0 {
-        println!("skipped: starting a peer under another uid needs root");
+    if !kontext_broker_testutil::root("start a peer under another uid") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

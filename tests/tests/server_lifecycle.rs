@@ -18,8 +18,8 @@ fn private_dir(path: &Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+fn is_root(why: &str) -> bool {
+    kontext_broker_testutil::root(why)
 }
 
 #[tokio::test]
@@ -66,8 +66,7 @@ async fn group_readable_socket_dir_is_refused() {
 
 #[tokio::test]
 async fn socket_dir_owned_by_another_user_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create a directory owned by another uid");
+    if !is_root("create a directory owned by another uid") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -176,11 +175,11 @@ async fn shutdown_request_answers_then_exits_zero() {
 
 #[tokio::test]
 async fn systemd_socket_activation() {
-    let activate = Path::new("/usr/bin/systemd-socket-activate");
-    if !activate.exists() {
-        eprintln!("skipped: systemd-socket-activate is not installed");
+    let Some(activate) =
+        kontext_broker_testutil::tool("systemd-socket-activate", "test socket activation")
+    else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
     private_dir(&dir);

@@ -5,14 +5,12 @@
 //! 65534 but keeps `dac_override`, so it can reach the 0700 socket directory and
 //! the broker's own peer check is what refuses it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kontext_broker_protocol::codec;
 use kontext_broker_tests::broker_process::{hello, BrokerOptions, BrokerProcess};
-
-const SETPRIV: &str = "/usr/bin/setpriv";
-const PYTHON: &str = "/usr/bin/python3";
+use kontext_broker_testutil as prereq;
 
 /// Connects, sends a Hello, reads until one whole frame arrived or the broker
 /// closes; prints `<bytes received> <how it ended> <euid>`.
@@ -43,22 +41,28 @@ except socket.timeout:
 print(len(got), how, os.geteuid())
 "#;
 
+/// The tools the foreign peer needs: `setpriv` and `python3`.
+struct Tools {
+    setpriv: PathBuf,
+    python: PathBuf,
+}
+
 /// Runs the peer script, optionally through setpriv as uid 65534.
-fn run_peer(socket: &Path, foreign: bool) -> (usize, String, u32) {
+fn run_peer(tools: &Tools, socket: &Path, foreign: bool) -> (usize, String, u32) {
     let hello = hex::encode(codec::encode_frame(&hello()).unwrap());
     let mut cmd = if foreign {
-        let mut cmd = Command::new(SETPRIV);
+        let mut cmd = Command::new(&tools.setpriv);
         cmd.args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=+dac_override",
             "--ambient-caps=+dac_override",
-            PYTHON,
         ]);
+        cmd.arg(&tools.python);
         cmd
     } else {
-        Command::new(PYTHON)
+        Command::new(&tools.python)
     };
     let out = cmd
         .arg("-c")
@@ -83,24 +87,24 @@ fn run_peer(socket: &Path, foreign: bool) -> (usize, String, u32) {
 
 #[tokio::test]
 async fn foreign_uid_is_rejected_without_a_byte() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a peer under another uid");
+    let why = "run a peer under another uid";
+    if !prereq::root(why) {
         return;
     }
-    for tool in [SETPRIV, PYTHON] {
-        if !Path::new(tool).exists() {
-            eprintln!("skipped: {tool} is not installed");
-            return;
-        }
-    }
+    let (Some(setpriv), Some(python)) =
+        (prereq::tool("setpriv", why), prereq::tool("python3", why))
+    else {
+        return;
+    };
+    let tools = Tools { setpriv, python };
     let broker = BrokerProcess::start(BrokerOptions::default());
 
     // Control: the same script under our own uid is answered, so the zero
     // bytes below come from the broker's peer check and nothing else.
-    let (bytes, how, _) = run_peer(broker.socket(), false);
+    let (bytes, how, _) = run_peer(&tools, broker.socket(), false);
     assert_eq!(how, "frame", "own-uid control got {bytes} bytes, {how}");
 
-    let (bytes, how, euid) = run_peer(broker.socket(), true);
+    let (bytes, how, euid) = run_peer(&tools, broker.socket(), true);
     assert_eq!(euid, 65534, "the peer did not drop privileges");
     assert_eq!(bytes, 0, "a foreign peer received {bytes} bytes");
     assert!(

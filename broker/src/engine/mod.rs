@@ -419,4 +419,6 @@ impl EngineHandle {
 }
 
 #[cfg(test)]
+mod chaos_tests;
+#[cfg(test)]
 mod tests;

@@ -154,7 +154,7 @@ async fn refresh_once(
                 }
                 None => RefreshError::Transient(format!(
                     "unreadable token response (at `{}`)",
-                    e.path()
+                    json_path(&e.path().to_string())
                 )),
             });
             zeroize::Zeroize::zeroize(&mut body);
@@ -217,6 +217,19 @@ fn error_code(body: &[u8]) -> Option<String> {
     super::http::oauth_error_code(body)
 }
 
+/// Longest JSON path quoted in an error.
+const MAX_PATH_CHARS: usize = 64;
+
+/// The JSON path of a parse error, fit for a log line. Its member names come
+/// from the IdP (found by fuzzing: a DEL character reached `last_error`), so
+/// only path characters are kept, and at most [`MAX_PATH_CHARS`] of them.
+fn json_path(path: &str) -> String {
+    path.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-[]?".contains(*c))
+        .take(MAX_PATH_CHARS)
+        .collect()
+}
+
 fn token_type_name<T: TokenType>(t: &T) -> String {
     match serde_json::to_value(t) {
         Ok(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("bearer") => "Bearer".into(),
@@ -250,9 +263,10 @@ pub fn classify_error<RE: std::error::Error + 'static>(
             "request failed: {}",
             sanitize::composed(&super::http::error_chain(&e), secrets)
         )),
-        RequestTokenError::Parse(e, _body) => {
-            RefreshError::Transient(format!("unreadable token response (at `{}`)", e.path()))
-        }
+        RequestTokenError::Parse(e, _body) => RefreshError::Transient(format!(
+            "unreadable token response (at `{}`)",
+            json_path(&e.path().to_string())
+        )),
         RequestTokenError::Other(detail) => RefreshError::Transient(format!(
             "unexpected token response: {}",
             sanitize::text_with(&detail, secrets)
@@ -330,6 +344,14 @@ mod tests {
         assert_eq!(r.token_type, "Bearer");
         assert!(rescue(b"<html>502</html>").is_none());
         assert!(rescue(br#"{"error":"invalid_grant"}"#).is_none());
+    }
+
+    #[test]
+    fn json_paths_from_the_idp_keep_only_path_characters() {
+        assert_eq!(json_path("err\u{7f}r"), "errr");
+        assert_eq!(json_path("a.b[0].c_d"), "a.b[0].c_d");
+        assert_eq!(json_path("x\u{1b}[2J\ny\r\u{7}"), "x[2Jy");
+        assert_eq!(json_path(&"k".repeat(500)).len(), MAX_PATH_CHARS);
     }
 
     #[test]
