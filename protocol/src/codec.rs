@@ -68,11 +68,56 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
 
 /// Encodes one complete frame: length prefix and payload.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
-    let payload = encode(msg)?;
-    let mut out = Vec::with_capacity(4 + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&payload);
+    let mut out = Vec::new();
+    encode_frame_into(msg, &mut out)?;
     Ok(out)
+}
+
+/// Replaces `out` with one complete frame, reusing its capacity: no allocation
+/// once `out` is large enough. On error `out` is left empty.
+pub fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Error> {
+    out.clear();
+    out.extend_from_slice(&[0; 4]);
+    if let Err(e) = options().serialize_into(&mut *out, msg) {
+        out.zeroize();
+        return Err(Error::Encode(e.to_string()));
+    }
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Reads one frame's payload from a blocking stream into `buf` (replacing its
+/// contents). `Ok(false)` on a clean end of stream between frames.
+pub fn read_frame_blocking<R: std::io::Read>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, Error> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match reader.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(Error::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(Error::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Truncated,
+        _ => e.into(),
+    })?;
+    Ok(true)
 }
 
 /// Reads the protocol version from a `Hello` payload without decoding the rest.
@@ -215,6 +260,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// The underlying stream, for callers that take over the writing.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
     /// Writes raw bytes (tests use it to send malformed input).
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.inner.write_all(bytes).await?;
@@ -238,6 +288,9 @@ impl ZeroizeBytes for BytesMut {
         self.as_mut().zeroize();
     }
 }
+
+mod fast;
+pub use fast::{peek_get_token, EncodedToken, GetTokenRef};
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use kontext_broker_protocol::codec::EncodedToken;
 use kontext_broker_protocol::{
     BrokerError, ClientAuthMethod, ClientCredential, ProfileState, ProfileStatus, Token, WatchEvent,
 };
@@ -804,6 +805,11 @@ impl Actor {
         let now = self.now();
         let token = self.serveable();
         let snapshot = Snapshot {
+            // Encoded here, once per change, so cached answers cost a copy only.
+            wire: token
+                .as_ref()
+                .and_then(|t| EncodedToken::new(t).ok())
+                .map(Arc::new),
             token: token.clone(),
             // What callers see follows the record: a dead grant reads as
             // reauth_required even while its deletion is being retried.
@@ -882,6 +888,7 @@ impl Actor {
 fn placeholder_snapshot() -> Snapshot {
     Snapshot {
         token: None,
+        wire: None,
         phase: PhaseKind::Idle,
         refresh_due_ms: None,
         status: ProfileStatus {
