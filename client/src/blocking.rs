@@ -16,7 +16,7 @@ use std::time::Duration;
 use kontext_broker_protocol::{
     codec, paths, ClientMessage, Error as WireError, Hello, ImportRequest, ProfileStatus,
     Request, RequestFrame, Response, Secret, ServerMessage, StatusReport, Token, Welcome,
-    PROTOCOL_VERSION,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use zeroize::Zeroize;
 
@@ -37,8 +37,12 @@ struct Conn {
     next_id: u64,
     /// Set after a timeout or a bad frame: the stream is no longer in sync.
     broken: bool,
-    /// Reused for every frame; zeroed after each use (frames may hold secrets).
+    /// Outgoing frames; reused, zeroed after each use (frames may hold secrets).
     buf: Vec<u8>,
+    /// Bytes read but not yet decoded (`in_buf[in_start..]`), so a whole answer
+    /// usually takes one read.
+    in_buf: Vec<u8>,
+    in_start: usize,
 }
 
 impl std::fmt::Debug for BrokerClient {
@@ -92,6 +96,8 @@ impl BrokerClient {
             next_id: 1,
             broken: false,
             buf: Vec::with_capacity(512),
+            in_buf: Vec::with_capacity(READ_ROOM),
+            in_start: 0,
         };
         conn.set_timeout(builder.connect_timeout_value())?;
         conn.send(&ClientMessage::Hello(Hello {
@@ -262,20 +268,80 @@ impl Conn {
         written
     }
 
+    /// The next message. Reads whatever the socket has (at least the rest of
+    /// one frame), so a small answer costs one `read`.
     fn receive(&mut self) -> Result<ServerMessage> {
-        let read = codec::read_frame_blocking(&mut &self.stream, &mut self.buf);
-        let result = match read {
-            Ok(true) => codec::decode::<ServerMessage>(&self.buf).map_err(Error::Protocol),
-            Ok(false) => Err(Error::Disconnected),
-            Err(WireError::Io(e)) => Err(io_error(e)),
-            Err(WireError::Truncated) => Err(Error::Disconnected),
-            Err(e) => Err(Error::Protocol(e)),
+        loop {
+            let pending = &self.in_buf[self.in_start..];
+            if let Some(header) = pending.get(..4) {
+                let len = u32::from_be_bytes(header.try_into().expect("4 bytes")) as usize;
+                if len > MAX_FRAME_LEN {
+                    return Err(Error::Protocol(WireError::FrameTooLarge {
+                        len,
+                        max: MAX_FRAME_LEN,
+                    }));
+                }
+                if let Some(payload) = pending.get(4..4 + len) {
+                    let result = codec::decode::<ServerMessage>(payload).map_err(Error::Protocol);
+                    self.in_start += 4 + len;
+                    if self.in_start == self.in_buf.len() {
+                        // The frame may hold a token.
+                        self.in_buf.as_mut_slice().zeroize();
+                        self.in_buf.clear();
+                        self.in_start = 0;
+                    }
+                    return result;
+                }
+                // Room for the whole frame.
+                self.in_buf.reserve(4 + len - pending.len());
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Appends what the socket has to `in_buf` (blocking until something arrives).
+    fn fill(&mut self) -> Result<()> {
+        use std::io::Read;
+        if self.in_start > 0 {
+            // Keep the unread tail at the front, so the buffer never grows without bound.
+            self.in_buf.copy_within(self.in_start.., 0);
+            let tail = self.in_buf.len() - self.in_start;
+            self.in_buf[tail..].zeroize();
+            self.in_buf.truncate(tail);
+            self.in_start = 0;
+        }
+        if self.in_buf.capacity() - self.in_buf.len() < READ_ROOM {
+            self.in_buf.reserve(READ_ROOM);
+        }
+        let filled = self.in_buf.len();
+        let room = self.in_buf.capacity() - filled;
+        self.in_buf.resize(filled + room, 0);
+        let read = loop {
+            match (&self.stream).read(&mut self.in_buf[filled..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => break other,
+            }
         };
-        // The frame may hold a token.
-        self.buf.zeroize();
-        result
+        let n = *read.as_ref().unwrap_or(&0);
+        self.in_buf.truncate(filled + n);
+        match read {
+            // The broker closed (between frames or mid-frame).
+            Ok(0) => Err(Error::Disconnected),
+            Ok(_) => Ok(()),
+            Err(e) => Err(io_error(e)),
+        }
     }
 }
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.in_buf.zeroize();
+        self.buf.zeroize();
+    }
+}
+
+/// Free buffer space before each read: room for a typical answer in one read.
+const READ_ROOM: usize = 4096;
 
 /// A read or write timeout is [`Error::Timeout`]; a broken connection is
 /// [`Error::Disconnected`].

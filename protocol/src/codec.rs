@@ -87,39 +87,6 @@ pub fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(),
     Ok(())
 }
 
-/// Reads one frame's payload from a blocking stream into `buf` (replacing its
-/// contents). `Ok(false)` on a clean end of stream between frames.
-pub fn read_frame_blocking<R: std::io::Read>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<bool, Error> {
-    let mut header = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match reader.read(&mut header[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => return Err(Error::Truncated),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(Error::FrameTooLarge {
-            len,
-            max: MAX_FRAME_LEN,
-        });
-    }
-    buf.clear();
-    buf.resize(len, 0);
-    reader.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::Truncated,
-        _ => e.into(),
-    })?;
-    Ok(true)
-}
-
 /// Reads the protocol version from a `Hello` payload without decoding the rest.
 ///
 /// `Hello` is variant 0 of `ClientMessage` and starts with `protocol_version` in
@@ -138,6 +105,12 @@ pub fn length_codec() -> LengthDelimitedCodec {
         .max_frame_length(MAX_FRAME_LEN)
         .new_codec()
 }
+
+/// Free buffer space kept before each read: more than a `GetToken` request or a
+/// typical token answer, so each arrives in one read (and a short read tells
+/// tokio the socket is drained, which saves a `EAGAIN` read). Small enough that
+/// thousands of idle connections cost little.
+const READ_ROOM: usize = 512;
 
 /// Reads frames from a byte stream.
 ///
@@ -194,6 +167,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             if !self.buf.is_empty() && self.deadline.is_none() {
                 self.deadline = Some(Instant::now() + self.stall);
+            }
+            // Room for a whole small frame, so it arrives in one read; the
+            // allocation is reused once the earlier frames are dropped.
+            if self.buf.capacity() - self.buf.len() < READ_ROOM {
+                self.buf.reserve(READ_ROOM);
             }
             let read = self.inner.read_buf(&mut self.buf);
             let n = match self.deadline {
