@@ -9,11 +9,10 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use kontext_broker_client::blocking::BrokerClient;
+use kontext_broker_client::blocking::request_once;
 use kontext_broker_client::ClientBuilder;
-use kontext_broker_protocol::{paths, DEFAULT_PROFILE};
+use kontext_broker_protocol::{paths, Request, Response, DEFAULT_PROFILE};
 
 use super::{Failure, ADMIN_REQUEST_TIMEOUT};
 
@@ -77,15 +76,27 @@ pub fn parse_token(args: &[OsString]) -> Option<TokenArgs> {
     })
 }
 
-/// Prints the access token and a newline, as `broker-ctl token` does.
+/// Prints the access token and a newline, as `broker-ctl token` does: the
+/// `GetToken` goes out with the handshake, so the whole command is one round trip.
 pub fn token(args: &TokenArgs, out: &mut dyn Write) -> Result<(), Failure> {
-    let client = BrokerClient::with_builder(
-        ClientBuilder::default()
-            .socket(paths::socket_path(args.socket.as_deref()))
-            .client_name("broker-ctl")
-            .request_timeout(ADMIN_REQUEST_TIMEOUT),
+    let mut builder = ClientBuilder::default()
+        .client_name("broker-ctl")
+        .request_timeout(ADMIN_REQUEST_TIMEOUT);
+    if let Some(socket) = &args.socket {
+        builder = builder.socket(socket);
+    }
+    let answer = request_once(
+        &builder,
+        Request::GetToken {
+            profile: args.profile.clone(),
+            min_valid_secs: args.min_valid,
+        },
     )?;
-    let t = client.get_token(&args.profile, Duration::from_secs(args.min_valid))?;
+    let Response::Token(t) = answer else {
+        return Err(Failure::other(
+            "unexpected answer from the broker to GetToken; check versions with `broker-ctl ping`",
+        ));
+    };
     writeln!(out, "{}", t.access_token.expose())?;
     out.flush()?;
     Ok(())
