@@ -124,9 +124,26 @@ impl BrokerClient {
         }
     }
 
-    /// Broker and profile status.
+    /// Broker and profile status, every profile (all pages, like
+    /// [`crate::BrokerClient::status`]).
     pub fn status(&self) -> Result<StatusReport> {
-        match self.request(Request::Status)? {
+        let mut report = self.status_page(Request::Status)?;
+        while let Some(after) = report.next_after.take() {
+            let page = self.status_page(Request::StatusPage {
+                after: after.clone(),
+            })?;
+            // Pages move forward by name; anything else would loop forever.
+            if page.profiles.first().is_some_and(|p| p.name <= after) {
+                return Err(Error::unexpected("a status page after the previous one"));
+            }
+            report.profiles.extend(page.profiles);
+            report.next_after = page.next_after;
+        }
+        Ok(report)
+    }
+
+    fn status_page(&self, request: Request) -> Result<StatusReport> {
+        match self.request(request)? {
             Response::Status(s) => Ok(s),
             _ => Err(Error::unexpected("Status")),
         }
