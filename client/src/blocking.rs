@@ -14,9 +14,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use kontext_broker_protocol::{
-    codec, paths, ClientMessage, Error as WireError, Hello, ImportRequest, ProfileStatus,
-    Request, RequestFrame, Response, Secret, ServerMessage, StatusReport, Token, Welcome,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
+    codec, paths, ClientMessage, Error as WireError, Hello, ImportRequest, ProfileStatus, Request,
+    RequestFrame, Response, Secret, ServerMessage, StatusReport, Token, Welcome, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
 };
 use zeroize::Zeroize;
 
@@ -311,9 +311,9 @@ impl Conn {
                 self.buf.extend_from_slice(&tail);
                 (&self.stream).write_all(&self.buf).map_err(io_error)
             }
-            Err(e) => Err(Error::from(kontext_broker_protocol::BrokerError::bad_request(
-                e.to_string(),
-            ))),
+            Err(e) => Err(Error::from(
+                kontext_broker_protocol::BrokerError::bad_request(e.to_string()),
+            )),
         };
         tail.zeroize();
         self.buf.zeroize();
@@ -333,9 +333,9 @@ impl Conn {
         let encoded = codec::encode_frame_into(msg, &mut self.buf);
         let written = match encoded {
             Ok(()) => (&self.stream).write_all(&self.buf).map_err(io_error),
-            Err(e) => Err(Error::from(kontext_broker_protocol::BrokerError::bad_request(
-                e.to_string(),
-            ))),
+            Err(e) => Err(Error::from(
+                kontext_broker_protocol::BrokerError::bad_request(e.to_string()),
+            )),
         };
         self.buf.zeroize();
         written

@@ -27,10 +27,10 @@ use kontext_broker_protocol::{
     WatchEvent, Welcome, PROTOCOL_VERSION,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use zeroize::Zeroize;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
+use zeroize::Zeroize;
 
 use crate::{Error, Result};
 

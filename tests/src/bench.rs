@@ -277,3 +277,53 @@ pub fn fmt_duration(d: Duration) -> String {
         format!("{:.2} s", d.as_secs_f64())
     }
 }
+
+/// The metrics of one Go benchmark result line: unit (`ns/op`, `allocs/op`,
+/// custom units) → value.
+pub type GoMetrics = std::collections::HashMap<String, f64>;
+
+/// The `value unit` pairs of `name`'s result line in `go test -bench` output
+/// (`BenchmarkX-2  1000  31.5 ns/op  0 allocs/op`), or `None` without one.
+pub fn go_bench_metrics(output: &str, name: &str) -> Option<GoMetrics> {
+    let line = output.lines().find(|l| {
+        l.split_whitespace().next().is_some_and(|first| {
+            first == name
+                || first
+                    .strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|procs| procs.bytes().all(|b| b.is_ascii_digit()))
+        })
+    })?;
+    let fields: Vec<&str> = line.split_whitespace().skip(2).collect();
+    Some(
+        fields
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [value, unit] => Some(((*unit).to_owned(), value.parse().ok()?)),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::go_bench_metrics;
+
+    #[test]
+    fn go_bench_metrics_reads_the_named_result_line() {
+        let out = "goos: linux\n\
+            BenchmarkTokenSourceFresh-2   \t 2000000\t  31.5 ns/op\t  29.0 cpu-ns/op\t  0 B/op\t  0 allocs/op\n\
+            BenchmarkTokenSourceFreshSyscalls-2 \t 1\t 4.000 trace-lines/1M-Token\t 3.000 trace-lines/baseline\n\
+            PASS\n";
+        let m = go_bench_metrics(out, "BenchmarkTokenSourceFresh").unwrap();
+        assert_eq!(m["ns/op"], 31.5);
+        assert_eq!(m["cpu-ns/op"], 29.0);
+        assert_eq!(m["allocs/op"], 0.0);
+        assert_eq!(m.len(), 4);
+        let s = go_bench_metrics(out, "BenchmarkTokenSourceFreshSyscalls").unwrap();
+        assert_eq!(s["trace-lines/1M-Token"], 4.0);
+        assert_eq!(s["trace-lines/baseline"], 3.0);
+        assert!(go_bench_metrics(out, "BenchmarkGetTokenVsEcho").is_none());
+    }
+}

@@ -31,7 +31,14 @@ async fn broker_with_profile() -> (FakeIdp, BrokerProcess, String) {
     let idp = FakeIdp::start(FakeIdpConfig::default()).await;
     let broker = BrokerProcess::start(BrokerOptions::default());
     let client = connect(broker.socket()).await;
-    import(&client, "default", &idp.issuer(), idp.client_id(), &idp.mint()).await;
+    import(
+        &client,
+        "default",
+        &idp.issuer(),
+        idp.client_id(),
+        &idp.mint(),
+    )
+    .await;
     let token = client
         .get_token("default", Duration::ZERO)
         .await
@@ -111,7 +118,10 @@ async fn a_connection_reads_nothing_past_its_in_flight_cap() {
     // Had the broker read the Ping, it would have answered it while the refresh
     // was held, ahead of every refresh. It may read it only after an answer.
     let first = conn.recv_response().await;
-    assert_ne!(first.id, late, "the request past the cap was read and answered first");
+    assert_ne!(
+        first.id, late,
+        "the request past the cap was read and answered first"
+    );
     let mut seen = BTreeSet::from([first.id]);
     for _ in 0..cap {
         seen.insert(conn.recv_response().await.id);
@@ -129,7 +139,11 @@ async fn thousands_of_pipelined_cached_requests_are_all_answered() {
     let n = 20_000u64;
     let mut bytes = Vec::new();
     for id in 0..n {
-        let request = if id % 1000 == 999 { Request::Ping } else { get_token() };
+        let request = if id % 1000 == 999 {
+            Request::Ping
+        } else {
+            get_token()
+        };
         bytes.extend(
             codec::encode_frame(&ClientMessage::Request(RequestFrame { id, request })).unwrap(),
         );

@@ -561,7 +561,10 @@ fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
     let (_d, path) = rt.block_on(mock(answer));
     let mut out = Vec::new();
     fast::token(
-        &args(path.to_str().unwrap(), &["--profile", "work", "--min-valid", "60"]),
+        &args(
+            path.to_str().unwrap(),
+            &["--profile", "work", "--min-valid", "60"],
+        ),
         &mut out,
     )
     .unwrap();
@@ -569,8 +572,11 @@ fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
 
     let (_d, path) = rt.block_on(mock(answer));
     let mut out = Vec::new();
-    let f = fast::token(&args(path.to_str().unwrap(), &["--profile", "nope"]), &mut out)
-        .unwrap_err();
+    let f = fast::token(
+        &args(path.to_str().unwrap(), &["--profile", "nope"]),
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(f.code, exit::UNKNOWN_PROFILE);
     assert!(out.is_empty());
 

@@ -261,7 +261,11 @@ impl EngineHandle {
 
     /// `pick(snapshot)` when the cached token serves `min_valid_secs` now.
     /// Synchronous: the snapshot's read lock is never held across an await.
-    fn cached<T>(&self, min_valid_secs: u64, pick: impl FnOnce(&Snapshot) -> Option<T>) -> Option<T> {
+    fn cached<T>(
+        &self,
+        min_valid_secs: u64,
+        pick: impl FnOnce(&Snapshot) -> Option<T>,
+    ) -> Option<T> {
         let now = self.clock.now_ms();
         let snap = self.snapshot.borrow();
         let token = snap.token.as_ref()?;

@@ -11,6 +11,7 @@
 //! Internal modes, used by the report itself: `--echo-server std|tokio PATH SIZE`
 //! and `--syscall-probe SOCKET CALLS`.
 
+mod go;
 mod peer;
 mod report;
 mod scenarios;

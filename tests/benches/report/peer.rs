@@ -65,7 +65,10 @@ fn installed(tool: &str) -> bool {
 
 pub fn compare(ctx: &Context, report: &mut Report) {
     report.section("8. Whole process vs. oidc-agent 4.2 (interleaved, same oidc-provider)");
-    if !["oidc-agent", "oidc-gen", "oidc-token"].iter().all(|t| installed(t)) {
+    if !["oidc-agent", "oidc-gen", "oidc-token"]
+        .iter()
+        .all(|t| installed(t))
+    {
         report.row(Row::skipped(
             "8. broker-ctl vs oidc-token",
             "oidc-agent-cli is not installed (tests/bench/run.sh installs it with apt when it can)",
@@ -126,7 +129,10 @@ pub fn compare(ctx: &Context, report: &mut Report) {
         c
     };
     // Warm the page cache and both daemons.
-    interleaved(&mut [ctl(&["token"]), oidc(&[]), Command::new("/bin/true")], 20);
+    interleaved(
+        &mut [ctl(&["token"]), oidc(&[]), Command::new("/bin/true")],
+        20,
+    );
 
     let rounds = ctx.opts.pick(300, 40);
     let mut r_cached = Vec::new();
@@ -186,7 +192,9 @@ pub fn compare(ctx: &Context, report: &mut Report) {
     let mut t = interleaved(&mut [ctl(&["refresh"]), oidc(&["-f"])], refresh_rounds);
     let (ours, theirs) = (summarize(&mut t[0]), summarize(&mut t[1]));
     report.row(Row {
-        scenario: format!("8c. forced refresh: `broker-ctl refresh` vs `oidc-token -f` ({refresh_rounds} rounds)"),
+        scenario: format!(
+            "8c. forced refresh: `broker-ctl refresh` vs `oidc-token -f` ({refresh_rounds} rounds)"
+        ),
         ours: format!("median {}", fmt_duration(ours.p50)),
         reference: format!("median {}", fmt_duration(theirs.p50)),
         ratio: format!("{:.3}×", ours.p50.as_secs_f64() / theirs.p50.as_secs_f64()),
@@ -217,9 +225,9 @@ fn start_agent(ctx: &Context, provider: &OidcProvider) -> Result<Agent, String> 
         .map_err(|e| format!("cannot start oidc-agent: {e}"))?;
     let agent = Agent { child, dir };
     wait_for(&socket)?;
-    let minted = ctx.fixture.block_on(
-        provider.mint(CONFIDENTIAL_CLIENT_ID, &["openid", "offline_access"]),
-    );
+    let minted = ctx
+        .fixture
+        .block_on(provider.mint(CONFIDENTIAL_CLIENT_ID, &["openid", "offline_access"]));
     // The client configuration goes in a 0600 file and the refresh token in the
     // environment, so neither shows up in a process list.
     let client_file = agent.dir.path().join("client.json");
@@ -242,7 +250,9 @@ fn start_agent(ctx: &Context, provider: &OidcProvider) -> Result<Agent, String> 
         .env("OIDC_ENCRYPTION_PW", "kontext-bench-not-secret")
         .stdin(Stdio::null());
     agent.env(&mut gen);
-    let out = gen.output().map_err(|e| format!("cannot run oidc-gen: {e}"))?;
+    let out = gen
+        .output()
+        .map_err(|e| format!("cannot run oidc-gen: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "oidc-gen failed: {}",

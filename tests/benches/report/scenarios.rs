@@ -205,7 +205,13 @@ pub fn latency(ctx: &Context, report: &mut Report) {
         last = Some((e_std, e_tokio, get, blk, mts));
     }
     let (e_std, e_tokio, get, blk, mts) = last.expect("at least one run");
-    let budget = |r: &[f64], max: f64| if median(r) <= max { Verdict::Met } else { Verdict::Missed };
+    let budget = |r: &[f64], max: f64| {
+        if median(r) <= max {
+            Verdict::Met
+        } else {
+            Verdict::Missed
+        }
+    };
     report.row(Row::info(
         &format!("1a. raw echo, std blocking, {frame} B each way"),
         p50_p99(&e_std),
@@ -216,7 +222,13 @@ pub fn latency(ctx: &Context, report: &mut Report) {
         &format!("1b. raw echo, tokio current-thread, {frame} B"),
         p50_p99(&e_tokio),
         "1a",
-        &spread(&r_std.iter().zip(&r_tokio).map(|(s, t)| s / t).collect::<Vec<_>>()),
+        &spread(
+            &r_std
+                .iter()
+                .zip(&r_tokio)
+                .map(|(s, t)| s / t)
+                .collect::<Vec<_>>(),
+        ),
     ));
     report.row(Row {
         scenario: "2a. `BrokerClient::get_token`, cached (current-thread runtime)".into(),
@@ -291,26 +303,17 @@ pub fn source(ctx: &Context, report: &mut Report) {
     };
     report.row(Row {
         scenario: "3a. Rust `BrokerTokenSource::token()`, fresh".into(),
-        ours: format!("{} per call; {shown} in 100000 calls", fmt_duration(per_call)),
+        ours: format!(
+            "{} per call; {shown} in 100000 calls",
+            fmt_duration(per_call)
+        ),
         reference: "–".into(),
         ratio: "–".into(),
         budget: "0 syscalls".into(),
         verdict,
     });
-    if Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../client-go/go.mod")
-        .is_file()
-    {
-        report.row(Row::skipped(
-            "3b. Go `TokenSource.Token()`, fresh",
-            "client-go exists but this report has no Go runner yet (hook: scenarios::source)",
-        ));
-    } else {
-        report.row(Row::skipped(
-            "3b. Go `TokenSource.Token()`, fresh",
-            "client-go/ is not in this tree (hook: scenarios::source)",
-        ));
-    }
+    let go = kontext_broker_tests::go_toolchain::go_binary();
+    crate::go::token_source(report, go.as_deref(), ctx.opts.pick(2_000_000, 200_000));
 }
 
 async fn fresh_source(socket: &Path) -> BrokerTokenSource {
@@ -464,6 +467,20 @@ pub fn throughput(ctx: &Context, report: &mut Report) {
             Verdict::Missed
         },
     });
+    if rate < 50_000.0 {
+        report.note(format!(
+            "Row 4: the 64 clients run in the report's process on the same {} cores as the broker \
+             (and as whatever else the machine runs: load {} at the end of this scenario), so the \
+             rate is what the shared cores give both sides together. The broker's own cost is \
+             row 4b: {} of CPU per request, {:.0} req/s per core it gets to itself; per \
+             request it makes at most one `epoll_wait`, one `recvfrom` and one `sendto` \
+             (docs/performance.md).",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kontext_broker_tests::bench::load_average(),
+            fmt_duration(Duration::from_secs_f64(per_request)),
+            1.0 / per_request
+        ));
+    }
     report.row(Row::info(
         "4b. broker CPU per request in that run (user + system)",
         format!(
@@ -560,12 +577,29 @@ pub fn scale(ctx: &Context, report: &mut Report) {
             (kib, last - first, last - t0, refresh_call)
         });
         rt.shutdown_background();
+        if to_first > Duration::from_millis(100) {
+            report.note(format!(
+                "Row 5 ({n} watchers): the new token is one pushed frame per watcher, \
+                 {} per watcher from the first copy to the last; the {n} receiving sources \
+                 run in the report's process on the same cores as the broker, so the figure \
+                 is the fan-out and the receivers' wake-ups together.",
+                fmt_duration(to_first / n as u32)
+            ));
+        }
         report.row(Row {
             scenario: format!("5. {n} watching `BrokerTokenSource`s: broker RSS"),
-            ours: format!("{:.1} MB ({:.1} MB idle)", kib as f64 / 1024.0, idle_kib as f64 / 1024.0),
+            ours: format!(
+                "{:.1} MB ({:.1} MB idle)",
+                kib as f64 / 1024.0,
+                idle_kib as f64 / 1024.0
+            ),
             reference: "–".into(),
             ratio: "–".into(),
-            budget: if n == 1000 { "≤ 30 MB".into() } else { "–".into() },
+            budget: if n == 1000 {
+                "≤ 30 MB".into()
+            } else {
+                "–".into()
+            },
             verdict: match n {
                 1000 if kib * 1024 <= 30_000_000 => Verdict::Met,
                 1000 => Verdict::Missed,
@@ -642,7 +676,11 @@ pub fn coalescing(ctx: &Context, report: &mut Report) {
         ours: format!(
             "{calls} IdP call(s); all {n} hold the new token after {}{}",
             fmt_duration(elapsed),
-            if generations_ok { "" } else { " (SOME GOT ANOTHER GENERATION)" }
+            if generations_ok {
+                ""
+            } else {
+                " (SOME GOT ANOTHER GENERATION)"
+            }
         ),
         reference: "–".into(),
         ratio: "–".into(),
@@ -714,10 +752,18 @@ pub fn cold_start(ctx: &Context, report: &mut Report) {
         let s = summarize(&mut samples);
         report.row(Row {
             scenario: format!("7. cold start with {n} profile(s) on disk ({runs} runs)"),
-            ours: format!("median {} (max {})", fmt_duration(s.p50), fmt_duration(*samples.last().expect("runs"))),
+            ours: format!(
+                "median {} (max {})",
+                fmt_duration(s.p50),
+                fmt_duration(*samples.last().expect("runs"))
+            ),
             reference: "–".into(),
             ratio: "–".into(),
-            budget: if n == 1 { "≤ 100 ms".into() } else { "–".into() },
+            budget: if n == 1 {
+                "≤ 100 ms".into()
+            } else {
+                "–".into()
+            },
             verdict: match n {
                 1 if s.p50 <= Duration::from_millis(100) => Verdict::Met,
                 1 => Verdict::Missed,
