@@ -20,7 +20,7 @@ use kontext_broker_protocol::{
 };
 use zeroize::Zeroize;
 
-use crate::conn::check_socket_owner;
+use crate::conn::{check_socket_owner, done, logged_out, token};
 use crate::{ClientBuilder, Error, LogoutOutcome, Result};
 
 /// A blocking broker connection. Calls are serialized per value; use the async
@@ -182,19 +182,10 @@ impl BrokerClient {
 
     /// See [`crate::BrokerClient::logout`].
     pub fn logout(&self, profile: &str, revoke: bool) -> Result<LogoutOutcome> {
-        match self.request(Request::Logout {
+        logged_out(self.request(Request::Logout {
             profile: profile.to_owned(),
             revoke,
-        })? {
-            Response::LoggedOut {
-                revoked,
-                revoke_error,
-            } => Ok(LogoutOutcome {
-                revoked,
-                revoke_error,
-            }),
-            _ => Err(Error::unexpected("LoggedOut")),
-        }
+        })?)
     }
 
     /// See [`crate::BrokerClient::unlock`].
@@ -464,18 +455,4 @@ fn peer_credentials(stream: &UnixStream) -> Result<(u32, Option<u32>)> {
         return Err(Error::Io(std::io::Error::last_os_error()));
     }
     Ok((uid, None))
-}
-
-fn token(r: Response) -> Result<Token> {
-    match r {
-        Response::Token(t) => Ok(t),
-        _ => Err(Error::unexpected("Token")),
-    }
-}
-
-fn done(r: Response) -> Result<()> {
-    match r {
-        Response::Done => Ok(()),
-        _ => Err(Error::unexpected("Done")),
-    }
 }

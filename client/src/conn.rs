@@ -721,22 +721,13 @@ impl BrokerClient {
 
     /// Deletes a profile, revoking its refresh token first when `revoke`.
     pub async fn logout(&self, profile: &str, revoke: bool) -> Result<LogoutOutcome> {
-        match self
-            .request(Request::Logout {
+        logged_out(
+            self.request(Request::Logout {
                 profile: profile.to_owned(),
                 revoke,
             })
-            .await?
-        {
-            Response::LoggedOut {
-                revoked,
-                revoke_error,
-            } => Ok(LogoutOutcome {
-                revoked,
-                revoke_error,
-            }),
-            _ => Err(Error::unexpected("LoggedOut")),
-        }
+            .await?,
+        )
     }
 
     /// Unlocks a passphrase-protected store.
@@ -755,14 +746,30 @@ impl BrokerClient {
     }
 }
 
-fn token(r: Response) -> Result<Token> {
+/// The token of a `Token` answer; any other answer is unexpected.
+pub(crate) fn token(r: Response) -> Result<Token> {
     match r {
         Response::Token(t) => Ok(t),
         _ => Err(Error::unexpected("Token")),
     }
 }
 
-fn done(r: Response) -> Result<()> {
+/// The outcome of a `LoggedOut` answer; any other answer is unexpected.
+pub(crate) fn logged_out(r: Response) -> Result<LogoutOutcome> {
+    match r {
+        Response::LoggedOut {
+            revoked,
+            revoke_error,
+        } => Ok(LogoutOutcome {
+            revoked,
+            revoke_error,
+        }),
+        _ => Err(Error::unexpected("LoggedOut")),
+    }
+}
+
+/// A `Done` answer; any other answer is unexpected.
+pub(crate) fn done(r: Response) -> Result<()> {
     match r {
         Response::Done => Ok(()),
         _ => Err(Error::unexpected("Done")),

@@ -325,19 +325,24 @@ async fn run_args(args: &[&str], stdin: &[u8]) -> (Result<(), Failure>, String) 
     (r, String::from_utf8(out).unwrap())
 }
 
+/// The token the `token` tests expect printed.
+fn printed_token() -> Token {
+    Token {
+        access_token: "eyJ.token.sig".into(),
+        token_type: "Bearer".into(),
+        expires_at: 2_000_000_000,
+        issued_at: 1_999_999_000,
+        generation: 1,
+        scopes: vec![],
+    }
+}
+
 #[tokio::test]
 async fn token_prints_only_the_token() {
     let (_d, path) = mock(|r| match r {
         Request::GetToken {
             min_valid_secs: 60, ..
-        } => Ok(Response::Token(Token {
-            access_token: "eyJ.token.sig".into(),
-            token_type: "Bearer".into(),
-            expires_at: 2_000_000_000,
-            issued_at: 1_999_999_000,
-            generation: 1,
-            scopes: vec![],
-        })),
+        } => Ok(Response::Token(printed_token())),
         _ => Err(BrokerError::bad_request("unexpected")),
     })
     .await;
@@ -539,14 +544,7 @@ fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
         Request::GetToken {
             profile,
             min_valid_secs: 60,
-        } if profile == "work" => Ok(Response::Token(Token {
-            access_token: "eyJ.token.sig".into(),
-            token_type: "Bearer".into(),
-            expires_at: 2_000_000_000,
-            issued_at: 1_999_999_000,
-            generation: 1,
-            scopes: vec![],
-        })),
+        } if profile == "work" => Ok(Response::Token(printed_token())),
         Request::GetToken { profile, .. } => Err(BrokerError::UnknownProfile {
             profile: profile.clone(),
         }),
