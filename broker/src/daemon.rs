@@ -93,7 +93,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         socket: socket_path.clone(),
         state_dir,
     };
-    let result = runtime.block_on(serve(listener, config, info));
+    // Served from a worker thread, not the thread blocked here: the worker that
+    // polls the socket then accepts and starts the connection itself, instead
+    // of waking this thread and then another worker for every new connection.
+    let result = runtime.block_on(async {
+        tokio::spawn(serve(listener, config, info))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the server task failed: {e}")))
+    });
     // Tasks past their grace are dropped here.
     runtime.shutdown_timeout(Duration::from_millis(200));
     // Remove the socket only after the last answer went out.

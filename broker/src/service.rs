@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use futures::stream::{self, BoxStream, StreamExt};
+use kontext_broker_protocol::codec::EncodedToken;
 use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::{
     BrokerError, BrokerStatus, ClientAuthMethod, ClientCredential, ImportRequest, ProfileState,
@@ -232,6 +233,21 @@ impl Service {
                 "Watch is a subscription; the connection handler serves it",
             )),
         }
+    }
+
+    /// The ready answer frame of a `GetToken` that the profile's cached token
+    /// serves, found without waiting or allocating. `None` means "ask [`Service::call`]",
+    /// which also produces every error.
+    pub fn cached_token_frame(
+        &self,
+        profile: &str,
+        min_valid_secs: u64,
+    ) -> Option<Arc<EncodedToken>> {
+        let engine = match &self.lock_profiles().get(profile)?.entry {
+            Entry::Engine(engine) => engine.clone(),
+            _ => return None,
+        };
+        engine.cached_frame(min_valid_secs)
     }
 
     /// Subscribes to `profile`'s tokens and state changes. The stream starts with

@@ -1,12 +1,17 @@
 //! One multiplexed connection to the broker.
 //!
-//! A connection has two tasks: a writer that owns the socket's write half (so a
-//! cancelled caller can never leave half a frame on the wire), and a reader that
-//! routes each `ResponseFrame` to the caller waiting on its id and each `Event` to
-//! the watch subscribed under its id. When the reader sees the connection end, it
-//! fails every pending call with [`Error::Disconnected`] and ends every watch.
+//! The calling task writes its own request frame, with a non-blocking write
+//! under a short lock (never held across an await), so a request costs no task
+//! hop on the way out. A frame the socket does not take at once goes to a
+//! backlog that a writer task finishes, in order; a cancelled caller therefore
+//! never leaves half a frame on the wire. A reader task routes each
+//! `ResponseFrame` to the caller waiting on its id (the one wake per answer)
+//! and each `Event` to the watch subscribed under its id. When the reader sees
+//! the connection end, it fails every pending call with [`Error::Disconnected`]
+//! and ends every watch.
 
 use std::collections::HashMap;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -17,14 +22,15 @@ use std::time::Duration;
 
 use futures::Stream;
 use kontext_broker_protocol::{
-    paths, BrokerError, ClientMessage, FrameReader, FrameWriter, Hello, ImportRequest,
+    codec, paths, BrokerError, ClientMessage, FrameReader, FrameWriter, Hello, ImportRequest,
     ProfileStatus, Request, RequestFrame, Response, Secret, ServerMessage, StatusReport, Token,
     WatchEvent, Welcome, PROTOCOL_VERSION,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
+use zeroize::Zeroize;
 
 use crate::{Error, Result};
 
@@ -56,9 +62,80 @@ enum Routes {
 
 struct Shared {
     routes: Mutex<Routes>,
+    /// The socket's write half. Callers write with `try_write` while holding
+    /// `backlog`'s lock, so frames never interleave.
+    half: OwnedWriteHalf,
+    backlog: Mutex<Backlog>,
+    /// Wakes the writer task when the backlog gets bytes.
+    backlog_ready: Notify,
+}
+
+/// Bytes callers could not write at once, oldest first. While it is not empty,
+/// callers append instead of writing, so the order of frames is kept.
+#[derive(Default)]
+struct Backlog {
+    bytes: Vec<u8>,
+    /// Bytes of `bytes` already written.
+    sent: usize,
+    /// The write side failed; nothing more is sent.
+    failed: bool,
+}
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.sent == self.bytes.len()
+    }
+
+    /// Writes as much as the socket takes now; `Ok(true)` when empty.
+    fn drain(&mut self, half: &OwnedWriteHalf) -> io::Result<bool> {
+        while !self.is_empty() {
+            match half.try_write(&self.bytes[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Frames may hold secrets (a passphrase, a token response).
+        self.bytes.zeroize();
+        self.sent = 0;
+        Ok(true)
+    }
 }
 
 impl Shared {
+    /// Writes one frame now if the socket takes it; what it does not take goes
+    /// to the backlog for the writer task. Never waits.
+    fn write_frame(&self, frame: &[u8]) -> std::result::Result<(), ()> {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        if backlog.failed {
+            return Err(());
+        }
+        let mut rest = frame;
+        if backlog.is_empty() {
+            while !rest.is_empty() {
+                match self.half.try_write(rest) {
+                    Ok(0) => break,
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "broker connection write failed");
+                        return Err(());
+                    }
+                }
+            }
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+        backlog.bytes.extend_from_slice(rest);
+        drop(backlog);
+        self.backlog_ready.notify_one();
+        Ok(())
+    }
+
     fn remove(&self, id: u64) -> Option<Slot> {
         match &mut *self.routes.lock().unwrap_or_else(|p| p.into_inner()) {
             Routes::Open(map) => map.remove(&id),
@@ -87,7 +164,6 @@ struct Inner {
     path: PathBuf,
     welcome: Welcome,
     shared: Arc<Shared>,
-    outgoing: mpsc::UnboundedSender<ClientMessage>,
     next_id: AtomicU64,
     request_timeout: Duration,
     reader: JoinHandle<()>,
@@ -168,6 +244,21 @@ impl ClientBuilder {
         paths::socket_path(self.socket.as_deref())
     }
 
+    #[cfg(feature = "blocking")]
+    pub(crate) fn client_name_value(&self) -> &str {
+        &self.client_name
+    }
+
+    #[cfg(feature = "blocking")]
+    pub(crate) fn connect_timeout_value(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    #[cfg(feature = "blocking")]
+    pub(crate) fn request_timeout_value(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Connects, checks that socket and peer belong to us, and performs the handshake.
     pub async fn connect(self) -> Result<BrokerClient> {
         let path = self.socket_path();
@@ -240,7 +331,7 @@ impl ClientBuilder {
 }
 
 /// The socket file (and, through a symlink, its target) must be ours.
-fn check_socket_owner(path: &Path, me: u32) -> Result<()> {
+pub(crate) fn check_socket_owner(path: &Path, me: u32) -> Result<()> {
     let not_running = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => Error::BrokerNotRunning {
             path: path.to_owned(),
@@ -276,40 +367,34 @@ fn disconnect_on_io(e: kontext_broker_protocol::Error) -> Error {
     }
 }
 
-async fn write_loop(
-    mut writer: FrameWriter<OwnedWriteHalf>,
-    mut outgoing: mpsc::UnboundedReceiver<ClientMessage>,
-    shared: Arc<Shared>,
-) {
-    while let Some(msg) = outgoing.recv().await {
-        if let Err(e) = writer.write_message(&msg).await {
-            tracing::debug!(error = %e, "broker connection write failed");
-            // A message that cannot be encoded is the caller's fault, not the
-            // connection's; fail just that call.
-            if let (kontext_broker_protocol::Error::Encode(_), ClientMessage::Request(f)) =
-                (&e, &msg)
-            {
-                if let Some(slot) = shared.remove(f.id) {
-                    fail_slot(slot, BrokerError::bad_request(e.to_string()));
+/// Finishes what callers could not write at once, in order.
+async fn write_loop(shared: Arc<Shared>) {
+    loop {
+        shared.backlog_ready.notified().await;
+        loop {
+            let drained = {
+                let mut backlog = shared.backlog.lock().unwrap_or_else(|p| p.into_inner());
+                match backlog.drain(&shared.half) {
+                    Ok(done) => done,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "broker connection write failed");
+                        backlog.failed = true;
+                        backlog.bytes.zeroize();
+                        backlog.sent = 0;
+                        drop(backlog);
+                        shared.close();
+                        return;
+                    }
                 }
-                continue;
+            };
+            if drained {
+                break;
             }
-            break;
-        }
-    }
-    shared.close();
-}
-
-fn fail_slot(slot: Slot, err: BrokerError) {
-    match slot {
-        Slot::Call(tx) => {
-            let _ = tx.send(Err(err));
-        }
-        Slot::Watch { ack: Some(tx), .. } => {
-            let _ = tx.send(Err(err));
-        }
-        Slot::Watch { ack: None, events } => {
-            let _ = events.send(Err(err.into()));
+            if let Err(e) = shared.half.writable().await {
+                tracing::debug!(error = %e, "broker connection write failed");
+                shared.close();
+                return;
+            }
         }
     }
 }
@@ -396,16 +481,17 @@ impl BrokerClient {
     ) -> Self {
         let shared = Arc::new(Shared {
             routes: Mutex::new(Routes::Open(HashMap::new())),
+            half: writer.into_inner(),
+            backlog: Mutex::new(Backlog::default()),
+            backlog_ready: Notify::new(),
         });
-        let (outgoing, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
-        let writer = tokio::spawn(write_loop(writer, rx, shared.clone()));
+        let writer = tokio::spawn(write_loop(shared.clone()));
         BrokerClient {
             inner: Arc::new(Inner {
                 path,
                 welcome,
                 shared,
-                outgoing,
                 next_id: AtomicU64::new(1),
                 request_timeout,
                 reader,
@@ -470,31 +556,30 @@ impl BrokerClient {
         }
     }
 
-    /// Registers `slot` under a fresh id and queues the request. Fails with
-    /// `Disconnected` when the connection is already closed.
+    /// Registers `slot` under a fresh id and writes the request from the
+    /// calling task. Fails with `Disconnected` when the connection is closed,
+    /// and with `BadRequest` when the request cannot be encoded.
     fn send(&self, request: Request, slot: Slot) -> Result<u64> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = codec::encode_frame(&ClientMessage::Request(RequestFrame { id, request }))
+            .map_err(|e| Error::from(BrokerError::bad_request(e.to_string())))?;
+        let shared = &self.inner.shared;
         {
-            let mut routes = self
-                .inner
-                .shared
-                .routes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut routes = shared.routes.lock().unwrap_or_else(|p| p.into_inner());
             match &mut *routes {
                 Routes::Open(map) => {
                     map.insert(id, slot);
                 }
-                Routes::Closed => return Err(Error::Disconnected),
+                Routes::Closed => {
+                    frame.zeroize();
+                    return Err(Error::Disconnected);
+                }
             }
         }
-        if self
-            .inner
-            .outgoing
-            .send(ClientMessage::Request(RequestFrame { id, request }))
-            .is_err()
-        {
-            self.inner.shared.remove(id);
+        let sent = shared.write_frame(&frame);
+        frame.zeroize();
+        if sent.is_err() {
+            shared.remove(id);
             return Err(Error::Disconnected);
         }
         Ok(id)
@@ -636,22 +721,13 @@ impl BrokerClient {
 
     /// Deletes a profile, revoking its refresh token first when `revoke`.
     pub async fn logout(&self, profile: &str, revoke: bool) -> Result<LogoutOutcome> {
-        match self
-            .request(Request::Logout {
+        logged_out(
+            self.request(Request::Logout {
                 profile: profile.to_owned(),
                 revoke,
             })
-            .await?
-        {
-            Response::LoggedOut {
-                revoked,
-                revoke_error,
-            } => Ok(LogoutOutcome {
-                revoked,
-                revoke_error,
-            }),
-            _ => Err(Error::unexpected("LoggedOut")),
-        }
+            .await?,
+        )
     }
 
     /// Unlocks a passphrase-protected store.
@@ -670,14 +746,30 @@ impl BrokerClient {
     }
 }
 
-fn token(r: Response) -> Result<Token> {
+/// The token of a `Token` answer; any other answer is unexpected.
+pub(crate) fn token(r: Response) -> Result<Token> {
     match r {
         Response::Token(t) => Ok(t),
         _ => Err(Error::unexpected("Token")),
     }
 }
 
-fn done(r: Response) -> Result<()> {
+/// The outcome of a `LoggedOut` answer; any other answer is unexpected.
+pub(crate) fn logged_out(r: Response) -> Result<LogoutOutcome> {
+    match r {
+        Response::LoggedOut {
+            revoked,
+            revoke_error,
+        } => Ok(LogoutOutcome {
+            revoked,
+            revoke_error,
+        }),
+        _ => Err(Error::unexpected("LoggedOut")),
+    }
+}
+
+/// A `Done` answer; any other answer is unexpected.
+pub(crate) fn done(r: Response) -> Result<()> {
     match r {
         Response::Done => Ok(()),
         _ => Err(Error::unexpected("Done")),

@@ -32,3 +32,41 @@ fn blocking_calls_work_without_a_runtime() {
     drop(c);
     drop(mock);
 }
+
+#[test]
+fn a_request_sent_with_the_handshake_is_answered() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mock = rt.block_on(async {
+        Mock::start(handler(|r| async move {
+            match r {
+                Request::GetToken { .. } => Action::Reply(Ok(Response::Token(token(7, 60)))),
+                _ => Action::Silent,
+            }
+        }))
+    });
+    let builder = kontext_broker_client::ClientBuilder::default().socket(&mock.path);
+    let answer = kontext_broker_client::blocking::request_once(
+        &builder,
+        Request::GetToken {
+            profile: "default".into(),
+            min_valid_secs: 0,
+        },
+    )
+    .unwrap();
+    let Response::Token(t) = answer else {
+        panic!("expected a token, got {answer:?}");
+    };
+    assert_eq!(t.generation, 7);
+    assert_eq!(mock.hellos(), 1);
+    drop(mock);
+}
+
+#[test]
+fn a_missing_broker_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = BrokerClient::connect_to(dir.path().join("none.sock")).unwrap_err();
+    assert!(
+        matches!(err, kontext_broker_client::Error::BrokerNotRunning { .. }),
+        "{err:?}"
+    );
+}

@@ -441,3 +441,49 @@ async fn peer_running_as_another_uid_is_refused() {
     assert!(line.ends_with("received 0"), "nothing may be sent: {line}");
     drop(child);
 }
+
+/// Frames far larger than the socket buffer, from many callers at once: what
+/// the socket does not take at once is finished by the writer task, in order,
+/// also for callers that gave up half-way, so every frame arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_frames_arrive_whole_even_when_callers_give_up() {
+    let mock = Mock::start(handler(|r| async move {
+        match r {
+            Request::Ping => Action::Reply(Ok(Response::Pong)),
+            Request::Unlock { passphrase } => {
+                // The mock decodes every frame, so a torn one would end the test.
+                assert!(passphrase.expose().bytes().all(|b| b == b'x'));
+                Action::Reply(Ok(Response::Done))
+            }
+            _ => Action::Silent,
+        }
+    }));
+    let c = BrokerClient::connect_to(&mock.path).await.unwrap();
+    let big = || kontext_broker_protocol::Secret::new("x".repeat(60_000));
+    // Forty 60 kB frames at once: megabytes, several times any socket buffer.
+    let calls = (0..40).map(|i| {
+        let c = c.clone();
+        let pass = big();
+        async move {
+            if i % 4 == 0 {
+                // Give up right away: the frame may be half on the wire.
+                let _ = tokio::time::timeout(Duration::ZERO, c.unlock(pass)).await;
+                None
+            } else {
+                Some(c.unlock(pass).await)
+            }
+        }
+    });
+    let results = tokio::time::timeout(NET, futures::future::join_all(calls))
+        .await
+        .expect("big frames were not all written");
+    for r in results.into_iter().flatten() {
+        r.expect("unlock answered");
+    }
+    // The stream is still in frame sync.
+    tokio::time::timeout(NET, c.ping())
+        .await
+        .expect("ping after big frames")
+        .unwrap();
+    assert!(!c.is_closed());
+}

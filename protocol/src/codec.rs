@@ -68,11 +68,23 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
 
 /// Encodes one complete frame: length prefix and payload.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
-    let payload = encode(msg)?;
-    let mut out = Vec::with_capacity(4 + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&payload);
+    let mut out = Vec::new();
+    encode_frame_into(msg, &mut out)?;
     Ok(out)
+}
+
+/// Replaces `out` with one complete frame, reusing its capacity: no allocation
+/// once `out` is large enough. On error `out` is left empty.
+pub fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Error> {
+    out.clear();
+    out.extend_from_slice(&[0; 4]);
+    if let Err(e) = options().serialize_into(&mut *out, msg) {
+        out.zeroize();
+        return Err(Error::Encode(e.to_string()));
+    }
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
 }
 
 /// Reads the protocol version from a `Hello` payload without decoding the rest.
@@ -93,6 +105,12 @@ pub fn length_codec() -> LengthDelimitedCodec {
         .max_frame_length(MAX_FRAME_LEN)
         .new_codec()
 }
+
+/// Free buffer space kept before each read: more than a `GetToken` request or a
+/// typical token answer, so each arrives in one read (and a short read tells
+/// tokio the socket is drained, which saves a `EAGAIN` read). Small enough that
+/// thousands of idle connections cost little.
+const READ_ROOM: usize = 512;
 
 /// Reads frames from a byte stream.
 ///
@@ -149,6 +167,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             if !self.buf.is_empty() && self.deadline.is_none() {
                 self.deadline = Some(Instant::now() + self.stall);
+            }
+            // Room for a whole small frame, so it arrives in one read; the
+            // allocation is reused once the earlier frames are dropped.
+            if self.buf.capacity() - self.buf.len() < READ_ROOM {
+                self.buf.reserve(READ_ROOM);
             }
             let read = self.inner.read_buf(&mut self.buf);
             let n = match self.deadline {
@@ -215,6 +238,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// The underlying stream, for callers that take over the writing.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
     /// Writes raw bytes (tests use it to send malformed input).
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.inner.write_all(bytes).await?;
@@ -238,6 +266,9 @@ impl ZeroizeBytes for BytesMut {
         self.as_mut().zeroize();
     }
 }
+
+mod fast;
+pub use fast::{peek_get_token, EncodedToken, GetTokenRef};
 
 #[cfg(test)]
 mod tests;

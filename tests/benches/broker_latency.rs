@@ -1,7 +1,8 @@
 //! Benchmark (contract §9): a cached `GetToken` round trip through the real broker,
 //! against a raw Unix-socket echo of the same frame size in the same run.
-//! The budget is a ratio of at most 2, because absolute figures depend on the
-//! machine (context switches are expensive on small VMs).
+//! The budget is a ratio of at most 1.5, because absolute figures depend on the
+//! machine (context switches are expensive on small VMs). The full suite, with
+//! more rows and repeated runs, is `tests/bench/run.sh` (BENCHMARKS.md).
 //!
 //! Run: `cargo build --release -p kontext-broker --bins &&
 //!       cargo bench -p kontext-broker-tests --bench broker_latency`
@@ -99,8 +100,8 @@ fn main() {
         "raw Unix echo of {frame} B:                  median {echo_median:?}, p99 {echo_p99:?}"
     );
     println!(
-        "ratio (median): {ratio:.2} (budget 2.0) {}",
-        if ratio <= 2.0 { "OK" } else { "OVER BUDGET" }
+        "ratio (median): {ratio:.2} (budget 1.5) {}",
+        if ratio <= 1.5 { "OK" } else { "OVER BUDGET" }
     );
     println!(
         "broker RSS after the run: {} KiB",

@@ -2,6 +2,7 @@
 //! identity providers to test against, and a harness that runs the broker.
 
 pub mod backend;
+pub mod bench;
 pub mod broker_process;
 pub mod dot;
 pub mod fake_idp;

@@ -5,6 +5,7 @@
 
 pub mod doctor;
 pub mod endpoints;
+pub mod fast;
 pub mod login;
 mod logout;
 mod render;
@@ -284,6 +285,11 @@ pub fn main() -> ExitCode {
     // broker-ctl handles passphrases, token responses and access tokens too:
     // no core dumps, no ptrace by other processes of this user.
     let _ = crate::hardening::harden_process();
+    let mut stdout = std::io::stdout();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(token) = fast::parse_token(&args) {
+        return finish(fast::token(&token, &mut stdout), &mut stdout);
+    }
     let cli = Cli::parse(); // exits 2 on usage errors
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -302,20 +308,25 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::OTHER);
         }
     };
-    let mut stdout = std::io::stdout();
     let mut stdin = std::io::stdin();
-    let code = match rt.block_on(run(cli, &mut stdin, &mut stdout)) {
+    let result = rt.block_on(run(cli, &mut stdin, &mut stdout));
+    let code = finish(result, &mut stdout);
+    // After the outcome is printed: let a login's browser page and token
+    // revocations finish (bounded).
+    rt.block_on(login::finish_background());
+    code
+}
+
+/// The exit code of a command, after its failure (if any) went to stderr.
+fn finish(result: Result<(), Failure>, stdout: &mut dyn Write) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             let _ = stdout.flush();
             eprintln!("broker-ctl: {}", render::escape_controls(&f.message));
             ExitCode::from(f.code)
         }
-    };
-    // After the outcome is printed: let a login's browser page and token
-    // revocations finish (bounded).
-    rt.block_on(login::finish_background());
-    code
+    }
 }
 
 fn now() -> u64 {

@@ -325,19 +325,24 @@ async fn run_args(args: &[&str], stdin: &[u8]) -> (Result<(), Failure>, String) 
     (r, String::from_utf8(out).unwrap())
 }
 
+/// The token the `token` tests expect printed.
+fn printed_token() -> Token {
+    Token {
+        access_token: "eyJ.token.sig".into(),
+        token_type: "Bearer".into(),
+        expires_at: 2_000_000_000,
+        issued_at: 1_999_999_000,
+        generation: 1,
+        scopes: vec![],
+    }
+}
+
 #[tokio::test]
 async fn token_prints_only_the_token() {
     let (_d, path) = mock(|r| match r {
         Request::GetToken {
             min_valid_secs: 60, ..
-        } => Ok(Response::Token(Token {
-            access_token: "eyJ.token.sig".into(),
-            token_type: "Bearer".into(),
-            expires_at: 2_000_000_000,
-            issued_at: 1_999_999_000,
-            generation: 1,
-            scopes: vec![],
-        })),
+        } => Ok(Response::Token(printed_token())),
         _ => Err(BrokerError::bad_request("unexpected")),
     })
     .await;
@@ -528,4 +533,54 @@ async fn watch_json_streams_lines_then_exits_3_when_the_broker_goes() {
     assert_eq!(lines[0]["generation"], 9);
     assert_eq!(lines[1]["event"], "reauth_required");
     assert!(!out.contains("SECRET"));
+}
+
+/// `broker-ctl token` through the fast path (no runtime on the caller's side):
+/// the same output and exit codes as the clap path.
+#[test]
+fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer: fn(&Request) -> Result<Response, BrokerError> = |r| match r {
+        Request::GetToken {
+            profile,
+            min_valid_secs: 60,
+        } if profile == "work" => Ok(Response::Token(printed_token())),
+        Request::GetToken { profile, .. } => Err(BrokerError::UnknownProfile {
+            profile: profile.clone(),
+        }),
+        _ => Err(BrokerError::bad_request("unexpected")),
+    };
+    let args = |p: &str, rest: &[&str]| {
+        let mut v: Vec<std::ffi::OsString> = vec!["--socket".into(), p.into(), "token".into()];
+        v.extend(rest.iter().map(Into::into));
+        fast::parse_token(&v).expect("a token command line")
+    };
+
+    let (_d, path) = rt.block_on(mock(answer));
+    let mut out = Vec::new();
+    fast::token(
+        &args(
+            path.to_str().unwrap(),
+            &["--profile", "work", "--min-valid", "60"],
+        ),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(out, b"eyJ.token.sig\n");
+
+    let (_d, path) = rt.block_on(mock(answer));
+    let mut out = Vec::new();
+    let f = fast::token(
+        &args(path.to_str().unwrap(), &["--profile", "nope"]),
+        &mut out,
+    )
+    .unwrap_err();
+    assert_eq!(f.code, exit::UNKNOWN_PROFILE);
+    assert!(out.is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sock");
+    let f = fast::token(&args(missing.to_str().unwrap(), &[]), &mut Vec::new()).unwrap_err();
+    assert_eq!(f.code, exit::UNREACHABLE);
+    assert!(f.message.contains("none.sock"), "{}", f.message);
 }

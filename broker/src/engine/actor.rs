@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use kontext_broker_protocol::codec::EncodedToken;
 use kontext_broker_protocol::{
     BrokerError, ClientAuthMethod, ClientCredential, ProfileState, ProfileStatus, Token, WatchEvent,
 };
@@ -253,7 +254,10 @@ impl Actor {
                         match delete(&self.deps, self.record.name.clone()).await {
                             Ok(()) => {
                                 // A handle that outlives the profile serves nothing.
-                                self.snapshot.send_modify(|snap| snap.token = None);
+                                self.snapshot.send_modify(|snap| {
+                                    snap.token = None;
+                                    snap.wire = None;
+                                });
                                 let _ = reply.send(Ok(self.record.clone()));
                                 break;
                             }
@@ -833,6 +837,11 @@ impl Actor {
         let now = self.now();
         let token = self.serveable();
         let snapshot = Snapshot {
+            // Encoded here, once per change, so cached answers cost a copy only.
+            wire: token
+                .as_ref()
+                .and_then(|t| EncodedToken::new(t).ok())
+                .map(Arc::new),
             token: token.clone(),
             // What callers see follows the record: a dead grant reads as
             // reauth_required even while its deletion is being retried.
@@ -911,6 +920,7 @@ impl Actor {
 fn placeholder_snapshot() -> Snapshot {
     Snapshot {
         token: None,
+        wire: None,
         phase: PhaseKind::Idle,
         refresh_due_ms: None,
         status: ProfileStatus {

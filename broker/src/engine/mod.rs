@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use kontext_broker_protocol::codec::EncodedToken;
 use kontext_broker_protocol::{
     BrokerError, ClientAuthMethod, ClientCredential, ProfileState, ProfileStatus, Secret, Token,
     WatchEvent,
@@ -155,6 +156,8 @@ pub struct EngineDeps {
 pub struct Snapshot {
     /// The current token, only if durable and not reported rejected.
     pub token: Option<Token>,
+    /// `token` as a ready `GetToken` answer frame, encoded once per publish.
+    pub wire: Option<Arc<EncodedToken>>,
     /// Coarse phase, for the fast path and status.
     pub phase: PhaseKind,
     /// When a proactive refresh is due (wall ms), if a token exists.
@@ -250,30 +253,44 @@ impl EngineHandle {
 
     /// A token valid for at least `min_valid_secs` (capped as contract §5 says).
     pub async fn get_token(&self, min_valid_secs: u64) -> Result<Token, BrokerError> {
-        let now = self.clock.now_ms();
-        {
-            let snap = self.snapshot.borrow();
-            if let Some(token) = &snap.token {
-                if snap.phase != PhaseKind::ReauthRequired
-                    && policy::serves(token, now, min_valid_secs)
-                {
-                    self.last_served_ms.store(now, Ordering::Relaxed);
-                    if snap.phase == PhaseKind::Idle
-                        && snap.refresh_due_ms.is_some_and(|d| now >= d)
-                    {
-                        // Past the proactive deadline: let the actor decide. A full
-                        // queue means it already has work, so dropping is fine.
-                        let _ = self.tx.try_send(Command::Nudge);
-                    }
-                    return Ok(token.clone());
-                }
-            }
+        if let Some(token) = self.cached(min_valid_secs, |snap| snap.token.clone()) {
+            return Ok(token);
         }
         self.ask(|reply| Command::GetToken {
             min_valid_secs,
             reply,
         })
         .await
+    }
+
+    /// The answer frame of a `GetToken` for `min_valid_secs` when the cached
+    /// token serves it, without waiting or allocating; `None` means only the
+    /// actor can answer ([`EngineHandle::get_token`]).
+    pub fn cached_frame(&self, min_valid_secs: u64) -> Option<Arc<EncodedToken>> {
+        self.cached(min_valid_secs, |snap| snap.wire.clone())
+    }
+
+    /// `pick(snapshot)` when the cached token serves `min_valid_secs` now.
+    /// Synchronous: the snapshot's read lock is never held across an await.
+    fn cached<T>(
+        &self,
+        min_valid_secs: u64,
+        pick: impl FnOnce(&Snapshot) -> Option<T>,
+    ) -> Option<T> {
+        let now = self.clock.now_ms();
+        let snap = self.snapshot.borrow();
+        let token = snap.token.as_ref()?;
+        if snap.phase == PhaseKind::ReauthRequired || !policy::serves(token, now, min_valid_secs) {
+            return None;
+        }
+        let picked = pick(&snap)?;
+        self.last_served_ms.store(now, Ordering::Relaxed);
+        if snap.phase == PhaseKind::Idle && snap.refresh_due_ms.is_some_and(|d| now >= d) {
+            // Past the proactive deadline: let the actor decide. A full
+            // queue means it already has work, so dropping is fine.
+            let _ = self.tx.try_send(Command::Nudge);
+        }
+        Some(picked)
     }
 
     /// A client says the token of `generation` was rejected.

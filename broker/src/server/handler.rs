@@ -1,17 +1,25 @@
-//! One connection: handshake, then requests in their own tasks, answers through
-//! one writer that owns the socket's write half.
+//! One connection: handshake, then one task that reads requests and writes
+//! answers itself.
 //!
-//! Per connection there is one task (reader and writer joined in it) plus one
-//! task per running request or watch. An idle connection owns no timer: only a
-//! partial frame (stall timeout) or a pending write (write timeout) arms one.
+//! A `GetToken` that the profile's cached token serves is answered inline, from
+//! the engine's pre-encoded frame, with one non-blocking write: no task, no
+//! channel, no allocation. Every other request runs in a task of its own and
+//! hands its answer back through the outbox, so one slow request never blocks
+//! another. At most [`MAX_IN_FLIGHT`] requests per connection are running or
+//! waiting for the socket; past that the connection stops reading.
+//!
+//! An idle connection owns no timer: only a partial frame (stall timeout) or a
+//! pending write (write timeout) arms one.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures::{FutureExt, StreamExt};
-use kontext_broker_protocol::codec;
+use kontext_broker_protocol::codec::{self, EncodedToken};
 use kontext_broker_protocol::{
     BrokerError, ClientMessage, Error as WireError, FrameReader, FrameWriter, Request,
     RequestFrame, Response, ResponseFrame, ServerMessage, Welcome, PROTOCOL_VERSION,
@@ -24,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 use zeroize::Zeroize;
 
+use super::output::{Output, WriteEnd};
 use super::{MAX_IN_FLIGHT, MAX_WATCHES, WRITE_TIMEOUT};
 use crate::service::{request_name, Service};
 
@@ -52,14 +61,43 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Why the reader stopped; decides whether an error frame goes out first.
+/// Why the reading stopped; decides whether an error frame goes out first.
 enum ReadEnd {
-    /// Peer closed, stalled, or the socket failed: just close.
+    /// Peer closed, stalled, or the socket failed: finish the answers, then close.
     Closed,
-    /// Broker shutting down, or the writer gave up.
-    Stopped,
     /// Protocol violation: send this error, then close.
     Violation(BrokerError),
+}
+
+/// Where a connection is in its life.
+enum Phase {
+    /// Reading requests (holding the outbox sender) and writing answers.
+    Serving(Outbox),
+    /// No more reading; answers of running requests are still written.
+    Draining,
+    /// A protocol violation: finish the frame on the wire, write this error
+    /// (taken once started), close.
+    Failing(Option<BrokerError>),
+}
+
+/// What woke the connection.
+enum Step {
+    /// The broker is stopping.
+    Stop,
+    /// Room for one more request.
+    Permit(OwnedSemaphorePermit),
+    /// A request frame, the end of the stream, or a read error.
+    Frame(Result<Option<BytesMut>, WireError>),
+    /// An answer or event from a request or watch task; `None` once all are done.
+    Outgoing(Option<Box<ServerMessage>>),
+}
+
+/// A cached `GetToken` answer waiting for the socket (it is written at once
+/// when the socket is free).
+struct Queued {
+    id: u64,
+    answer: Arc<EncodedToken>,
+    _permit: OwnedSemaphorePermit,
 }
 
 pub(super) struct Handler {
@@ -106,23 +144,7 @@ impl Handler {
             return;
         }
 
-        let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
-        // Ends this connection's watches when its reader stops or the broker stops.
-        let watches_end = shutdown.child_token();
-        let read = async {
-            let end = self.read_loop(&mut reader, tx.clone(), &watches_end).await;
-            watches_end.cancel();
-            if let ReadEnd::Violation(err) = end {
-                // Best effort: the outbox may be full of answers the peer is not reading.
-                let _ = tokio::time::timeout(
-                    ERROR_WRITE_TIMEOUT,
-                    tx.send(Box::new(ServerMessage::Error(err))),
-                )
-                .await;
-            }
-            drop(tx);
-        };
-        tokio::join!(read, write_loop(self.id, writer, rx));
+        self.serve(reader, Output::new(writer.into_inner())).await;
         debug!(conn = self.id, "connection closed");
     }
 
@@ -190,75 +212,174 @@ impl Handler {
         }
     }
 
-    /// Reads request frames and starts a task for each, until the connection or
-    /// the broker stops.
-    async fn read_loop(
-        &self,
-        reader: &mut FrameReader<OwnedReadHalf>,
-        tx: Outbox,
-        watches_end: &CancellationToken,
-    ) -> ReadEnd {
+    /// Reads requests and writes answers until the connection ends.
+    async fn serve(&self, mut reader: FrameReader<OwnedReadHalf>, mut out: Output) {
+        let (tx, mut rx) = mpsc::channel::<Box<ServerMessage>>(OUTBOX_DEPTH);
+        // Ends this connection's watches when it stops reading or the broker stops.
+        let watches_end = self.service.shutdown_token().child_token();
+        let _end_watches = watches_end.clone().drop_guard();
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let watch_slots = Arc::new(Semaphore::new(MAX_WATCHES));
-        loop {
-            // At the cap, stop reading: the peer's further requests wait in the socket.
-            let permit = tokio::select! {
+        // Inline answers waiting for the socket, each holding its in-flight permit.
+        let mut queued: VecDeque<Queued> = VecDeque::new();
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        let mut outbox_open = true;
+        let mut phase = Phase::Serving(tx);
+        // Registered once, not once per request.
+        let stopping = watches_end.cancelled();
+        tokio::pin!(stopping);
+        let end = loop {
+            if let Err(end) = flush(&mut out, &mut queued) {
+                break end;
+            }
+            match &mut phase {
+                Phase::Failing(error) if !out.is_pending() => match error.take() {
+                    Some(err) => {
+                        if let Err(end) = out.start_message(
+                            self.id,
+                            &ServerMessage::Error(err),
+                            ERROR_WRITE_TIMEOUT,
+                        ) {
+                            break end;
+                        }
+                        continue;
+                    }
+                    None => break WriteEnd::Done,
+                },
+                Phase::Draining if !outbox_open && !out.is_pending() => break WriteEnd::Done,
+                _ => {}
+            }
+            let writing = out.is_pending();
+            let serving = matches!(phase, Phase::Serving(_));
+            let failing = matches!(phase, Phase::Failing(_));
+            if serving && permit.is_none() {
+                // Usually free: no wait, and no extra turn of this loop.
+                permit = in_flight.clone().try_acquire_owned().ok();
+            }
+            let step = tokio::select! {
                 biased;
-                _ = watches_end.cancelled() => return ReadEnd::Stopped,
-                _ = tx.closed() => return ReadEnd::Stopped,
-                permit = in_flight.clone().acquire_owned() => {
-                    permit.expect("the in-flight semaphore is never closed")
+                r = out.writable(), if writing => match r {
+                    Ok(()) => continue,
+                    Err(end) => break end,
+                },
+                _ = &mut stopping, if serving => Step::Stop,
+                m = rx.recv(), if !writing && !failing && outbox_open => Step::Outgoing(m),
+                p = async { in_flight.clone().acquire_owned().await }, if serving && permit.is_none() => {
+                    Step::Permit(p.expect("the in-flight semaphore is never closed"))
                 }
+                f = reader.read_frame(), if serving && permit.is_some() => Step::Frame(f),
+                else => break WriteEnd::Done,
             };
-            let read = tokio::select! {
-                biased;
-                _ = watches_end.cancelled() => return ReadEnd::Stopped,
-                _ = tx.closed() => return ReadEnd::Stopped,
-                read = reader.read_frame() => read,
-            };
-            let mut frame = match read {
-                Ok(Some(frame)) => frame,
-                Ok(None) => {
-                    debug!(conn = self.id, "peer closed");
-                    return ReadEnd::Closed;
-                }
-                Err(e) => {
-                    return match self.violation(&e) {
-                        Some(err) => ReadEnd::Violation(err),
-                        None => ReadEnd::Closed,
+            match step {
+                Step::Permit(p) => permit = Some(p),
+                Step::Outgoing(Some(message)) => {
+                    if let Err(end) = out.start_message(self.id, &message, WRITE_TIMEOUT) {
+                        break end;
                     }
                 }
-            };
-            let message = codec::decode::<ClientMessage>(&frame);
-            // The frame may hold a passphrase or tokens.
-            frame.as_mut().zeroize();
-            let RequestFrame { id, request } = match message {
-                Ok(ClientMessage::Request(frame)) => frame,
-                Ok(ClientMessage::Hello(_)) => {
-                    warn!(conn = self.id, "second Hello");
-                    return ReadEnd::Violation(BrokerError::bad_request(
-                        "Hello is only valid as the first frame",
-                    ));
+                Step::Outgoing(None) => outbox_open = false,
+                Step::Stop => phase = Phase::Draining,
+                Step::Frame(read) => {
+                    let permit = permit.take().expect("a frame is read only with a permit");
+                    let Phase::Serving(tx) = &phase else {
+                        unreachable!("frames are read only while serving")
+                    };
+                    match self.on_frame(read, permit, tx, &watch_slots, &watches_end) {
+                        Ok(None) => {}
+                        Ok(Some(answer)) => queued.push_back(answer),
+                        Err(ReadEnd::Closed) => phase = Phase::Draining,
+                        Err(ReadEnd::Violation(err)) => {
+                            queued.clear();
+                            out.cap_deadline(ERROR_WRITE_TIMEOUT);
+                            phase = Phase::Failing(Some(err));
+                        }
+                    }
                 }
-                Err(e) => {
-                    warn!(conn = self.id, "undecodable frame");
-                    return ReadEnd::Violation(BrokerError::bad_request(e.to_string()));
-                }
-            };
-            debug!(
-                conn = self.id,
-                id,
-                request = request_name(&request),
-                "request"
-            );
-            match request {
-                Request::Watch { profile } => {
-                    drop(permit);
-                    self.start_watch(id, profile, &watch_slots, tx.clone(), watches_end);
-                }
-                request => self.start_request(id, request, permit, tx.clone()),
+            }
+            if !matches!(phase, Phase::Serving(_)) {
+                // No more requests: end the watches and release our sender, so
+                // the outbox closes once the running requests have answered.
+                watches_end.cancel();
+                permit = None;
+            }
+        };
+        match end {
+            WriteEnd::Done => {}
+            WriteEnd::TimedOut => warn!(conn = self.id, "peer is not reading its answers; closing"),
+            WriteEnd::Failed(e) => debug!(conn = self.id, error = %e, "write failed; closing"),
+            WriteEnd::Unencodable => {}
+        }
+        // Dropping the receiver wakes every task still holding a sender.
+        drop(rx);
+        out.shutdown().await;
+    }
+
+    /// Handles one read result: a cached `GetToken` becomes an inline answer,
+    /// any other request starts its task; errors end the reading.
+    fn on_frame(
+        &self,
+        read: Result<Option<BytesMut>, WireError>,
+        permit: OwnedSemaphorePermit,
+        tx: &Outbox,
+        watch_slots: &Arc<Semaphore>,
+        watches_end: &CancellationToken,
+    ) -> Result<Option<Queued>, ReadEnd> {
+        let mut frame = match read {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                debug!(conn = self.id, "peer closed");
+                return Err(ReadEnd::Closed);
+            }
+            Err(e) => {
+                return Err(match self.violation(&e) {
+                    Some(err) => ReadEnd::Violation(err),
+                    None => ReadEnd::Closed,
+                })
+            }
+        };
+        if let Some(req) = codec::peek_get_token(&frame) {
+            if let Some(answer) = self
+                .service
+                .cached_token_frame(req.profile, req.min_valid_secs)
+            {
+                debug!(conn = self.id, id = req.id, "request GetToken (cached)");
+                return Ok(Some(Queued {
+                    id: req.id,
+                    answer,
+                    _permit: permit,
+                }));
             }
         }
+        let message = codec::decode::<ClientMessage>(&frame);
+        // The frame may hold a passphrase or tokens.
+        frame.as_mut().zeroize();
+        let RequestFrame { id, request } = match message {
+            Ok(ClientMessage::Request(frame)) => frame,
+            Ok(ClientMessage::Hello(_)) => {
+                warn!(conn = self.id, "second Hello");
+                return Err(ReadEnd::Violation(BrokerError::bad_request(
+                    "Hello is only valid as the first frame",
+                )));
+            }
+            Err(e) => {
+                warn!(conn = self.id, "undecodable frame");
+                return Err(ReadEnd::Violation(BrokerError::bad_request(e.to_string())));
+            }
+        };
+        debug!(
+            conn = self.id,
+            id,
+            request = request_name(&request),
+            "request"
+        );
+        match request {
+            Request::Watch { profile } => {
+                drop(permit);
+                self.start_watch(id, profile, watch_slots, tx.clone(), watches_end);
+            }
+            request => self.start_request(id, request, permit, tx.clone()),
+        }
+        Ok(None)
     }
 
     /// Maps a read error to the error frame owed to the peer, if any, and logs it.
@@ -372,54 +493,18 @@ impl Handler {
     }
 }
 
-/// Writes queued answers in order until every sender is gone, a write fails or
-/// times out, or a connection-level error has been written.
-async fn write_loop(
-    conn: u64,
-    mut writer: FrameWriter<OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Box<ServerMessage>>,
-) {
-    while let Some(message) = rx.recv().await {
-        let last = matches!(*message, ServerMessage::Error(_));
-        let limit = if last {
-            ERROR_WRITE_TIMEOUT
-        } else {
-            WRITE_TIMEOUT
-        };
-        let written = match tokio::time::timeout(limit, writer.write_message(&*message)).await {
-            Ok(Err(WireError::Encode(_))) => {
-                // Too large for a frame (a huge status, say): answer the id anyway.
-                let ServerMessage::Response(ResponseFrame { id, .. }) = *message else {
-                    error!(conn, "cannot encode a pushed message; closing");
-                    break;
-                };
-                error!(conn, id, "response too large to encode");
-                let fallback = ServerMessage::Response(ResponseFrame {
-                    id,
-                    result: Err(BrokerError::internal("response too large for one frame")),
-                });
-                tokio::time::timeout(limit, writer.write_message(&fallback)).await
-            }
-            other => other,
-        };
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!(conn, error = %e, "write failed; closing");
-                break;
-            }
-            Err(_) => {
-                warn!(conn, "peer is not reading its answers; closing");
-                break;
-            }
+/// Writes the pending frame, then inline answers, as far as the socket takes them now.
+fn flush(out: &mut Output, queued: &mut VecDeque<Queued>) -> Result<(), WriteEnd> {
+    loop {
+        if !out.advance()? {
+            return Ok(());
         }
-        if last {
-            break;
-        }
+        let Some(next) = queued.pop_front() else {
+            return Ok(());
+        };
+        // Its permit is released here, once the answer is on its way.
+        out.start_token(next.id, &next.answer, WRITE_TIMEOUT);
     }
-    // Dropping the receiver wakes the reader and every task still holding a sender.
-    drop(rx);
-    let _ = writer.shutdown().await;
 }
 
 /// Writes one connection-level error, best effort.

@@ -7,6 +7,7 @@
 
 mod handler;
 mod listener;
+mod output;
 pub mod socket;
 mod trim;
 

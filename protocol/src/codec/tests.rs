@@ -716,7 +716,101 @@ proptest! {
         let _ = decode::<ClientMessage>(&bytes);
         let _ = decode::<ServerMessage>(&bytes);
         let _ = peek_hello_version(&bytes);
+        let _ = peek_get_token(&bytes);
     }
+
+    /// The fast path reads exactly the `GetToken`s the general decoder reads.
+    #[test]
+    fn peek_get_token_agrees_with_decode(id in any::<u64>(), request in arb_request()) {
+        let bytes = encode(&req(id, request.clone())).unwrap();
+        let peeked = peek_get_token(&bytes);
+        match request {
+            Request::GetToken { profile, min_valid_secs } => {
+                prop_assert_eq!(peeked, Some(GetTokenRef { id, profile: &profile, min_valid_secs }));
+            }
+            _ => prop_assert_eq!(peeked, None),
+        }
+    }
+
+    /// Whatever bytes the fast path accepts, the general decoder accepts as the same request.
+    #[test]
+    fn peek_get_token_accepts_nothing_decode_refuses(
+        profile in arb_string(),
+        cut in 0usize..64,
+        noise in proptest::collection::vec(any::<u8>(), 0..8),
+    ) {
+        let mut bytes = encode(&req(7, Request::GetToken { profile, min_valid_secs: 5 })).unwrap();
+        bytes.truncate(bytes.len().saturating_sub(cut));
+        bytes.extend_from_slice(&noise);
+        if let Some(r) = peek_get_token(&bytes) {
+            let decoded = decode::<ClientMessage>(&bytes).unwrap();
+            prop_assert_eq!(decoded, req(r.id, Request::GetToken {
+                profile: r.profile.to_owned(),
+                min_valid_secs: r.min_valid_secs,
+            }));
+        }
+    }
+
+    /// A pre-encoded answer stamped with an id is byte for byte the general encoding.
+    #[test]
+    fn encoded_token_frames_match_the_general_codec(id in any::<u64>(), token in arb_token()) {
+        let encoded = EncodedToken::new(&token).unwrap();
+        let mut fast = Vec::new();
+        encoded.write_frame(id, &mut fast);
+        let general = encode_frame(&resp(id, Ok(Response::Token(token.clone())))).unwrap();
+        prop_assert_eq!(&fast, &general);
+        prop_assert_eq!(encoded.frame_len(), general.len());
+        prop_assert_eq!(encoded.generation(), token.generation);
+    }
+}
+
+#[test]
+fn peek_get_token_refuses_invalid_utf8_and_other_requests() {
+    let mut bytes = encode(&req(
+        1,
+        Request::GetToken {
+            profile: "p".into(),
+            min_valid_secs: 0,
+        },
+    ))
+    .unwrap();
+    assert!(peek_get_token(&bytes).is_some());
+    // The profile's single byte sits after tag (4), id (8), request tag (4), length (8).
+    bytes[24] = 0xff;
+    assert_eq!(peek_get_token(&bytes), None);
+    assert!(decode::<ClientMessage>(&bytes).is_err());
+    let hello = encode(&ClientMessage::Hello(Hello {
+        protocol_version: 2,
+        client_name: "c".into(),
+        client_version: "1".into(),
+    }))
+    .unwrap();
+    assert_eq!(peek_get_token(&hello), None);
+}
+
+#[test]
+fn encoded_token_debug_is_redacted() {
+    let mut t = token();
+    t.access_token = Secret::from("secret-marker-xyz");
+    let shown = format!("{:?}", EncodedToken::new(&t).unwrap());
+    assert!(!shown.contains("secret-marker-xyz"), "{shown}");
+}
+
+#[test]
+fn encode_frame_into_reuses_the_buffer() {
+    let mut buf = Vec::with_capacity(256);
+    let cap = buf.capacity();
+    encode_frame_into(&req(9, Request::Ping), &mut buf).unwrap();
+    assert_eq!(buf.capacity(), cap, "no reallocation for a small frame");
+    assert_eq!(buf, encode_frame(&req(9, Request::Ping)).unwrap());
+    let too_big = req(
+        1,
+        Request::Watch {
+            profile: "x".repeat(MAX_FRAME_LEN),
+        },
+    );
+    assert!(encode_frame_into(&too_big, &mut buf).is_err());
+    assert!(buf.is_empty(), "nothing half-encoded is left behind");
 }
 
 #[tokio::test]
