@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"example.invalid/kontext-broker/client-go/wire"
@@ -13,6 +14,10 @@ import (
 
 // fakeBroker speaks the protocol on a socket of ours and answers each request
 // with what answer returns (nil: no answer).
+// dropConnection, returned by a fake broker's answer, closes the connection
+// without an answer, as a broker that dies mid-call does.
+type dropConnection struct{ wire.ServerMessage }
+
 func fakeBroker(t *testing.T, answer func(*wire.RequestFrame) wire.ServerMessage) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "kbfake")
@@ -52,6 +57,9 @@ func fakeBroker(t *testing.T, answer func(*wire.RequestFrame) wire.ServerMessage
 					}
 					if out == nil {
 						continue
+					}
+					if _, drop := out.(dropConnection); drop {
+						return
 					}
 					frame, _ := wire.EncodeServerFrame(out)
 					if _, err := c.Write(frame); err != nil {
@@ -182,5 +190,36 @@ func TestSocketPathRules(t *testing.T) {
 		if got := socketPathWith(env(c.env), 7); got != c.want {
 			t.Errorf("%v: %s, want %s", c.env, got, c.want)
 		}
+	}
+}
+
+// A broker restart drops calls and refuses connections for a moment; a
+// TokenSource call that lands in that window waits for it (restartGrace)
+// instead of failing. Here three calls in a row lose their connection.
+func TestATokenSourceCallRidesOutABrokerRestart(t *testing.T) {
+	var mu sync.Mutex
+	dropped := 0
+	path := fakeBroker(t, func(f *wire.RequestFrame) wire.ServerMessage {
+		if _, ok := f.Request.(*wire.Invalidate); !ok {
+			return nil // the watch stays unanswered
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if dropped < 3 {
+			dropped++
+			return dropConnection{}
+		}
+		return &wire.ResponseFrame{ID: f.ID, Response: &wire.Token{AccessToken: "at-2", TokenType: "Bearer", Generation: 2, IssuedAt: 1, ExpiresAt: 1 << 40}}
+	})
+	s := NewTokenSource(SourceOptions{Dial: Options{Socket: path}})
+	defer s.Close()
+	tok, err := s.Invalidate(context.Background(), Token{Generation: 1})
+	if err != nil || tok.Generation != 2 {
+		t.Fatalf("after three dropped calls: generation %d, %v", tok.Generation, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if dropped != 3 {
+		t.Fatalf("%d calls dropped, want 3", dropped)
 	}
 }

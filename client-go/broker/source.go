@@ -20,6 +20,9 @@ const (
 	backoffMax      = 2 * time.Second
 	healthyWatch    = 10 * time.Second
 	reconnectSpread = 100 * time.Millisecond
+	// restartGrace is how long a call waits for a restarting broker before it
+	// reports the broker gone.
+	restartGrace = 3 * time.Second
 )
 
 // DefaultMaxMargin is the most validity a cached token must have left to be
@@ -213,19 +216,36 @@ func (s *TokenSource) Invalidate(ctx context.Context, stale Token) (Token, error
 	})
 }
 
-// withConn runs call on the shared connection, once more on a new one if the
-// first turns out to be dead, and caches what it learns.
+// withConn runs call on a live connection and caches what it learns. While
+// the broker is gone (a restart leaves a short window with no socket), it
+// retries on fresh connections for up to restartGrace instead of failing the
+// caller at once.
 func (s *TokenSource) withConn(ctx context.Context, call func(*Conn) (Token, error)) (Token, error) {
-	c, err := s.client(ctx)
-	if err != nil {
-		return Token{}, err
-	}
-	t, err := call(c)
-	if errors.Is(err, ErrDisconnected) {
-		if c, err = s.client(ctx); err != nil {
+	var t Token
+	var err error
+	delay, waited := backoffStart, time.Duration(0)
+	for {
+		var c *Conn
+		if c, err = s.client(ctx); err == nil {
+			t, err = call(c)
+		}
+		if !brokerGone(err) || waited >= restartGrace || s.ctx.Err() != nil {
+			break
+		}
+		timer := time.NewTimer(delay)
+		select {
+		case <-timer.C:
+		case <-ctx.Done():
+			timer.Stop()
+			return Token{}, err
+		case <-s.ctx.Done():
+			timer.Stop()
 			return Token{}, err
 		}
-		t, err = call(c)
+		waited += delay
+		if delay *= 2; delay > backoffMax {
+			delay = backoffMax
+		}
 	}
 	var reauth *ReauthRequiredError
 	switch {
@@ -265,6 +285,13 @@ func (s *TokenSource) setReauth(e *ReauthRequiredError) {
 		s.logf("kontext broker: profile %s: %s", s.profile, e.Message)
 	}
 	s.store(&cacheState{reauth: e})
+}
+
+// brokerGone reports an error that a broker restart causes: the connection
+// dropped, or nothing listens at the socket yet.
+func brokerGone(err error) bool {
+	var nr *NotRunningError
+	return errors.Is(err, ErrDisconnected) || errors.As(err, &nr)
 }
 
 // client returns the shared live connection, dialing a new one if needed.
