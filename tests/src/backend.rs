@@ -88,6 +88,9 @@ struct Shared {
     hits: Mutex<Vec<Hit>>,
     /// The number of hits so far; lets tests wait for requests without polling.
     seen: watch::Sender<usize>,
+    /// Validator requests sent again after a transport error of the harness's
+    /// own (not a product failure; counted apart, see [`Backend::validator_retries`]).
+    retries: std::sync::atomic::AtomicU64,
 }
 
 /// A running backend on `127.0.0.1:<random port>`; stopped on drop.
@@ -106,6 +109,7 @@ impl Backend {
             http: http_client(),
             hits: Mutex::new(Vec::new()),
             seen,
+            retries: Default::default(),
         });
         let app = Router::new()
             .route("/heartbeat", post(heartbeat))
@@ -122,6 +126,14 @@ impl Backend {
             shared,
             task,
         }
+    }
+
+    /// How often a validator request was sent again after a transport error
+    /// (the harness's own hiccup on a loaded machine, not the broker's).
+    pub fn validator_retries(&self) -> u64 {
+        self.shared
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `http://127.0.0.1:PORT/heartbeat`.
@@ -213,6 +225,26 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl Shared {
+    /// Sends the request `build` makes, up to three times while the send itself
+    /// fails (connect or transport error on loopback); an HTTP answer, whatever
+    /// its status, is returned as is.
+    async fn send_with_retries(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut attempt = 1;
+        loop {
+            match build().send().await {
+                Err(e) if attempt < 3 && (e.is_connect() || e.is_request()) => {
+                    attempt += 1;
+                    self.retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Whether the IdP considers `token` active now. `Err` when it cannot tell.
     async fn validate(&self, token: &str) -> Result<bool, String> {
         match &self.validator {
@@ -222,11 +254,12 @@ impl Shared {
                 client_secret,
             } => {
                 let resp = self
-                    .http
-                    .post(endpoint)
-                    .basic_auth(client_id, Some(client_secret))
-                    .form(&[("token", token)])
-                    .send()
+                    .send_with_retries(|| {
+                        self.http
+                            .post(endpoint)
+                            .basic_auth(client_id, Some(client_secret))
+                            .form(&[("token", token)])
+                    })
                     .await
                     .map_err(|e| format!("introspection request: {e}"))?;
                 let status = resp.status();
@@ -241,10 +274,7 @@ impl Shared {
             }
             Validator::Userinfo { endpoint } => {
                 let resp = self
-                    .http
-                    .get(endpoint)
-                    .bearer_auth(token)
-                    .send()
+                    .send_with_retries(|| self.http.get(endpoint).bearer_auth(token))
                     .await
                     .map_err(|e| format!("userinfo request: {e}"))?;
                 match resp.status().as_u16() {

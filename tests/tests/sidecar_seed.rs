@@ -235,7 +235,8 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     println!(
         "seed scenario over {run:?}: {sent} heartbeats sent by {SIDECARS} sidecars, {ok} ok; \
          backend: {} requests, {} accepted, {} answered 401 ({} before the deletion of the current \
-         token, {} after it), {} other; {retried} heartbeats retried; provider: {} refresh_token \
+         token, {} after it), {} other ({} validator requests re-sent after the harness's own \
+         transport errors); {retried} heartbeats retried; provider: {} refresh_token \
          grants ({} failed; {} old access tokens deleted on rotation) in {since_import:?}; \
          broker restart took {downtime:?}; broker status after restart: {:?}",
         counts.requests,
@@ -244,6 +245,7 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
         unauthorized_before_kill,
         counts.unauthorized - unauthorized_before_kill,
         counts.other,
+        backend.validator_retries(),
         stats.refresh_token_grants,
         stats.refresh_token_grant_errors,
         stats.access_tokens_deleted_on_rotation,
