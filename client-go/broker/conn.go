@@ -210,11 +210,22 @@ func (c *Conn) send(ctx context.Context, id uint64, req wire.Request) error {
 		frame[i] = 0 // it may hold a secret
 	}
 	if err != nil {
+		if ctx.Err() == nil {
+			// The broker closed its end. Its reason (a closing error frame) may
+			// still be on its way to the reader: let the reader end the
+			// connection with it, for at most a second.
+			t := time.NewTimer(time.Second)
+			select {
+			case <-c.done:
+			case <-t.C:
+			}
+			t.Stop()
+		}
 		c.shutdown(ErrDisconnected)
 		if ctx.Err() != nil {
 			return ErrTimeout
 		}
-		return ErrDisconnected
+		return c.Err()
 	}
 	atomic.AddUint64(&c.sent, 1)
 	return nil
