@@ -73,9 +73,6 @@ pub enum Error {
     /// Input from a user or client was invalid (issuer URL, token response, ...).
     #[error("{0}")]
     Invalid(String),
-    /// The IdP said the grant or client is dead; a new login is needed.
-    #[error("the identity provider rejected the refresh token ({0})")]
-    GrantRejected(String),
     /// The IdP could not be reached or answered with a transient error.
     #[error("identity provider unavailable: {0}")]
     IdpTransient(String),

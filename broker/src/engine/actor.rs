@@ -397,13 +397,13 @@ impl Actor {
         let good = token
             .as_ref()
             .filter(|t| policy::serves(t, now, min_valid_secs));
+        if let (Some(token), false) = (good, matches!(self.phase, Phase::ReauthRequired)) {
+            let _ = reply.send(Ok(token.clone()));
+            return None;
+        }
         match &mut self.phase {
             Phase::ReauthRequired => {
                 let _ = reply.send(Err(self.reauth_error()));
-                None
-            }
-            _ if good.is_some() => {
-                let _ = reply.send(Ok(good.cloned().expect("checked")));
                 None
             }
             Phase::Busy { waiters } => {

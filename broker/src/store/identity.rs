@@ -163,11 +163,11 @@ impl IdentitySource {
             } => unlock_passphrase(encrypted, recipient, *work_factor, passphrase),
             #[cfg(feature = "keyring")]
             IdentitySource::Keyring { account, recipient } => {
-                let identity = keyring_identity(account, recipient.parent().expect("state dir"))?;
+                let identity = keyring_identity(account, dir_of(recipient)?)?;
                 let public = identity.to_public().to_string();
                 if read_recipient_text(recipient)?.as_deref() != Some(public.as_str()) {
                     fsutil::write_atomic(
-                        recipient.parent().expect("state dir"),
+                        dir_of(recipient)?,
                         RECIPIENT_FILE,
                         format!("{public}\n").as_bytes(),
                     )?;
@@ -256,15 +256,24 @@ fn guard_new_identity(state_dir: &Path, missing: &str) -> Result<()> {
     Ok(())
 }
 
+/// The directory holding `path` (the state dir for every identity file).
+fn dir_of(path: &Path) -> Result<&Path> {
+    path.parent().ok_or_else(|| no_dir(path))
+}
+
+fn no_dir(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{} is not a file inside a state directory; pass --state-dir DIR",
+        path.display()
+    ))
+}
+
 /// Creates the identity file; `None` if one appeared meanwhile.
 fn create_identity_file(path: &Path) -> Result<Option<x25519::Identity>> {
-    guard_new_identity(
-        path.parent().expect("state dir"),
-        &path.display().to_string(),
-    )?;
+    guard_new_identity(dir_of(path)?, &path.display().to_string())?;
     let identity = x25519::Identity::generate();
-    let dir = path.parent().expect("identity path has a parent");
-    let name = path.file_name().expect("identity file name");
+    let dir = dir_of(path)?;
+    let name = path.file_name().ok_or_else(|| no_dir(path))?;
     let text = identity_text(&identity);
     if !fsutil::write_new_atomic(dir, &name.to_string_lossy(), text.as_bytes())? {
         return Ok(None);
@@ -300,7 +309,7 @@ fn unlock_passphrase(
     work_factor: Option<u8>,
     passphrase: &Secret,
 ) -> Result<Unlocked> {
-    let dir = encrypted.parent().expect("state dir");
+    let dir = dir_of(encrypted)?;
     let pass = SecretString::from(passphrase.expose().to_owned());
     let identity = match fsutil::read_private_file(encrypted)? {
         Some(ciphertext) => {
