@@ -33,6 +33,8 @@ pub struct LoginArgs {
     #[arg(
         long,
         value_name = "ID",
+        // Generated ids may start with '-' (base64url): never a flag here.
+        allow_hyphen_values = true,
         required_unless_present = "register",
         conflicts_with = "register"
     )]
@@ -296,6 +298,13 @@ mod tests {
         assert_eq!(a.profile, "default");
         let e = parse(&["--issuer", "x", "--client-id", "c", "--register"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn a_client_id_may_start_with_a_hyphen() {
+        // oidc-provider's generated ids are base64url, so some start with '-'.
+        let a = parse(&["--issuer", "https://idp.example", "--client-id", "-dX4q"]).unwrap();
+        assert_eq!(a.client_id.as_deref(), Some("-dX4q"));
     }
 
     #[test]

@@ -184,7 +184,8 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         issuer: String,
         /// OAuth client id the tokens were issued to.
-        #[arg(long, value_name = "ID")]
+        // Generated ids may start with '-' (base64url): never a flag here.
+        #[arg(long, value_name = "ID", allow_hyphen_values = true)]
         client_id: String,
         /// The client's credential, from files (never as arguments).
         #[command(flatten)]

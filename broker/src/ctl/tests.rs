@@ -584,3 +584,21 @@ fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
     assert_eq!(f.code, exit::UNREACHABLE);
     assert!(f.message.contains("none.sock"), "{}", f.message);
 }
+
+#[test]
+fn import_takes_a_client_id_that_starts_with_a_hyphen() {
+    // oidc-provider's generated ids are base64url, so some start with '-'.
+    let cli = Cli::try_parse_from([
+        "broker-ctl",
+        "import",
+        "--issuer",
+        "https://idp.example",
+        "--client-id",
+        "-dX4q",
+    ])
+    .unwrap();
+    match cli.command {
+        Command::Import { client_id, .. } => assert_eq!(client_id, "-dX4q"),
+        other => panic!("parsed as {other:?}"),
+    }
+}
