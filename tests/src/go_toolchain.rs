@@ -28,11 +28,10 @@ pub fn go_binary() -> Option<PathBuf> {
         debian.is_file().then_some(debian)
     });
     if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "`go` not found; under CI it is required (apt-get install golang-go)"
+        kontext_broker_testutil::missing(
+            "the `go` program (apt-get install golang-go)",
+            "build and test the Go client",
         );
-        eprintln!("skipping: `go` not found (apt-get install golang-go)");
     }
     found
 }

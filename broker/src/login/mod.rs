@@ -385,7 +385,6 @@ pub async fn login(
         discovered: &discovered,
         scopes,
         client_id,
-        client_secret,
         auth,
         detected: std::sync::Mutex::new(None),
         keys,
@@ -423,8 +422,7 @@ struct LoginContext<'a> {
     /// The scopes asked for (the profile's scopes).
     scopes: Vec<String>,
     client_id: String,
-    client_secret: Option<Secret>,
-    /// How the client authenticates; set per request.
+    /// How the client authenticates (its credential too); set per request.
     auth: ClientAuth,
     /// The secret method found to work after the first one listed was refused.
     detected: std::sync::Mutex<Option<ClientAuthMethod>>,
@@ -486,17 +484,15 @@ impl LoginContext<'_> {
         };
         let json = serde_json::to_string(&response)
             .map_err(|e| LoginError::Token(format!("cannot re-encode the token response: {e}")))?;
-        let client_key = match &self.auth.credential {
-            ClientCredential::PrivateKey(key) => Some(key.clone()),
-            _ => None,
+        let (client_secret, client_key) = match &self.auth.credential {
+            ClientCredential::Secret(secret) => (Some(secret.clone()), None),
+            ClientCredential::PrivateKey(key) => (None, Some(key.clone())),
+            ClientCredential::None => (None, None),
         };
         let detected = *self.detected.lock().unwrap_or_else(|e| e.into_inner());
         Ok(LoginOutcome {
             client_id: self.client_id.clone(),
-            client_secret: client_key
-                .is_none()
-                .then(|| self.client_secret.clone())
-                .flatten(),
+            client_secret,
             client_key,
             client_auth: self.auth.configured.or(detected),
             scopes: self.scopes.clone(),
@@ -518,7 +514,10 @@ impl LoginContext<'_> {
                 let check = IdTokenCheck {
                     issuer: &self.discovered.issuer,
                     client_id: &self.client_id,
-                    client_secret: self.client_secret.as_ref(),
+                    client_secret: match &self.auth.credential {
+                        ClientCredential::Secret(secret) => Some(secret),
+                        _ => None,
+                    },
                     nonce: nonce.map(|n| n.secret().as_str()),
                     access_token: response.access_token().secret(),
                 };
