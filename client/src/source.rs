@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::StreamExt;
-use kontext_broker_protocol::{Token, WatchEvent, DEFAULT_PROFILE};
+use kontext_broker_protocol::{validity, Token, WatchEvent, DEFAULT_PROFILE};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -43,8 +43,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const RESTART_GRACE: Duration = Duration::from_secs(3);
 /// A watch that lasted this long counts as healthy; its end resets the backoff.
 const HEALTHY_WATCH: Duration = Duration::from_secs(10);
-/// Default upper bound of the validity a cached token must still have to be served.
-const DEFAULT_MAX_MARGIN: Duration = Duration::from_secs(30);
+/// Default upper bound of the validity a cached token must still have to be
+/// served: the broker's own (30 s).
+const DEFAULT_MAX_MARGIN: Duration = Duration::from_millis(validity::MAX_MARGIN_MS);
 
 /// What the source currently knows. Swapped as a whole, so readers never see
 /// a token paired with another token's deadline.
@@ -90,9 +91,7 @@ fn now_ms() -> u64 {
 /// expiry minus `min(max_margin, lifetime / 10)`, the broker's own margin rule
 /// (contract §5), so short test lifetimes behave like real ones.
 fn fresh_until_ms(token: &Token, max_margin: Duration) -> u64 {
-    let lifetime_ms = token.expires_at.saturating_sub(token.issued_at) * 1000;
-    let margin_ms = (max_margin.as_millis() as u64).min(lifetime_ms / 10);
-    (token.expires_at * 1000).saturating_sub(margin_ms)
+    validity::fresh_until_ms(token, max_margin.as_millis() as u64)
 }
 
 impl State {

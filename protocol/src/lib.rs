@@ -2,8 +2,8 @@
 //!
 //! Everything a process needs to talk to `kontext-broker` lives here: the message
 //! types ([`message`]), the typed errors with stable codes ([`BrokerError`]), the
-//! framing and codec ([`codec`]), and the path rules shared by broker and client
-//! ([`paths`]). The exact bytes are documented in `protocol/WIRE.md` and pinned by
+//! framing and codec ([`codec`]), and the rules shared by broker and client:
+//! paths ([`paths`]) and token validity ([`validity`]). The exact bytes are documented in `protocol/WIRE.md` and pinned by
 //! golden tests, so any change to them is a deliberate [`PROTOCOL_VERSION`] bump.
 
 pub mod codec;
@@ -11,6 +11,7 @@ mod error;
 pub mod message;
 pub mod paths;
 mod secret;
+pub mod validity;
 
 pub use codec::{FrameReader, FrameWriter, WireCodec};
 pub use error::{BrokerError, Error, ErrorCode};

@@ -106,6 +106,27 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name, for logs and metrics. Never includes arguments.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::GetToken { .. } => "GetToken",
+            Request::Invalidate { .. } => "Invalidate",
+            Request::Watch { .. } => "Watch",
+            Request::Status => "Status",
+            Request::Import(_) => "Import",
+            Request::Logout { .. } => "Logout",
+            Request::Refresh { .. } => "Refresh",
+            Request::Unlock { .. } => "Unlock",
+            Request::Lock => "Lock",
+            Request::Shutdown => "Shutdown",
+            Request::Ping => "Ping",
+            Request::SetClient(_) => "SetClient",
+            Request::StatusPage { .. } => "StatusPage",
+        }
+    }
+}
+
 /// How the broker authenticates a profile's client at the IdP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ClientAuthMethod {
@@ -343,6 +364,28 @@ pub struct ProfileStatus {
     pub last_error: Option<String>,
     /// Where the current token's lifetime came from; `None` without a token.
     pub lifetime_source: Option<LifetimeSource>,
+}
+
+impl ProfileStatus {
+    /// The status of a profile known only by name (locked, unreadable): `state`
+    /// and `last_error`, every other field empty.
+    pub fn bare(name: &str, state: ProfileState, last_error: Option<String>) -> ProfileStatus {
+        ProfileStatus {
+            name: name.to_owned(),
+            issuer: String::new(),
+            client_id: String::new(),
+            subject: None,
+            state,
+            access_token_expires_at: None,
+            generation: 0,
+            refresh_count: 0,
+            refresh_failures: 0,
+            last_refresh_at: None,
+            next_refresh_at: None,
+            last_error,
+            lifetime_source: None,
+        }
+    }
 }
 
 /// Where an access token's lifetime came from.

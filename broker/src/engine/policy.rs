@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use kontext_broker_protocol::Token;
+use kontext_broker_protocol::{validity, Token};
 
 const MS: u64 = 1000;
 
@@ -29,16 +29,12 @@ pub fn next_call_ms(last_call_ms: Option<u64>, now_ms: u64) -> u64 {
 
 /// Lifetime of a token in milliseconds (at least 1 ms, so ratios stay defined).
 pub fn lifetime_ms(token: &Token) -> u64 {
-    (token
-        .expires_at
-        .saturating_sub(token.issued_at)
-        .saturating_mul(MS))
-    .max(1)
+    validity::lifetime_ms(token)
 }
 
 /// Safety margin: min(30 s, lifetime / 10).
 pub fn margin_ms(token: &Token) -> u64 {
-    (lifetime_ms(token) / 10).min(30 * MS)
+    validity::margin_ms(token, validity::MAX_MARGIN_MS)
 }
 
 /// Validity a request needs: `min(max(min_valid, margin), lifetime - margin)`.
@@ -46,17 +42,12 @@ pub fn margin_ms(token: &Token) -> u64 {
 /// The cap at `lifetime - margin` is why a fresh token always qualifies, so no
 /// caller can force a refresh loop by asking for more than the IdP grants.
 pub fn need_ms(token: &Token, min_valid_secs: u64) -> u64 {
-    let lifetime = lifetime_ms(token);
-    let margin = margin_ms(token);
-    (min_valid_secs.saturating_mul(MS))
-        .max(margin)
-        .min(lifetime - margin)
+    validity::need_ms(token, min_valid_secs, validity::MAX_MARGIN_MS)
 }
 
 /// True when `token` may be served to a caller asking for `min_valid_secs` at `now_ms`.
 pub fn serves(token: &Token, now_ms: u64, min_valid_secs: u64) -> bool {
-    let remaining = token.expires_at.saturating_mul(MS).saturating_sub(now_ms);
-    remaining > 0 && remaining >= need_ms(token, min_valid_secs)
+    validity::serves(token, now_ms, min_valid_secs, validity::MAX_MARGIN_MS)
 }
 
 /// True when `token` has not expired at `now_ms`.
