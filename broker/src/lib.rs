@@ -2,14 +2,21 @@
 //! encrypted on disk with age, and serves short-lived access tokens over a
 //! uid-checked Unix socket.
 //!
-//! Layout, from the edge inward:
+//! Layout, from the edge inward (every module):
 //! - [`server`]: the socket listener, peer checks and per-connection handlers.
-//! - [`service`]: turns protocol requests into calls on profiles and the store.
+//! - [`service`]: turns protocol requests into calls on profiles and the store
+//!   (dispatch, profile registry, watch streams, admin operations, status).
 //! - [`engine`]: one token engine per profile; the only code that refreshes.
-//! - [`idp`]: discovery and token-endpoint calls (openidconnect over rustls).
-//! - [`store`]: age-encrypted profile files and identities.
+//! - [`idp`]: discovery, token-endpoint calls, revocation and client
+//!   authentication (openidconnect over rustls).
+//! - [`store`]: age-encrypted profile files, their records and identities.
 //! - [`bounds`]: length caps and token charset checked at import and refresh.
-//! - [`config`], [`clock`], [`hardening`], [`daemon`]: process plumbing.
+//! - [`config`]: the optional TOML config file.
+//! - [`clock`]: wall-clock time, injectable for tests.
+//! - [`hardening`]: process hardening applied before anything else runs.
+//! - [`daemon`]: the `kontext-broker` process: startup, lock, signals, shutdown.
+//! - `error`: the crate's one [`Error`] type.
+//! - [`login`]: the OAuth login flows `broker-ctl login` runs (browser, device).
 //! - [`ctl`]: the `broker-ctl` command line.
 
 pub mod bounds;

@@ -34,7 +34,7 @@ use zeroize::Zeroize;
 
 use super::output::{Output, WriteEnd};
 use super::{MAX_IN_FLIGHT, MAX_WATCHES, WRITE_TIMEOUT};
-use crate::service::{request_name, Service};
+use crate::service::Service;
 
 /// Answers queued for the writer. Boxed, so an idle queue block stays small.
 type Outbox = mpsc::Sender<Box<ServerMessage>>;
@@ -366,12 +366,7 @@ impl Handler {
                 return Err(ReadEnd::Violation(BrokerError::bad_request(e.to_string())));
             }
         };
-        debug!(
-            conn = self.id,
-            id,
-            request = request_name(&request),
-            "request"
-        );
+        debug!(conn = self.id, id, request = request.name(), "request");
         match request {
             Request::Watch { profile } => {
                 drop(permit);
@@ -409,7 +404,7 @@ impl Handler {
         let conn = self.id;
         self.tracker.spawn(async move {
             let _permit = permit;
-            let name = request_name(&request);
+            let name = request.name();
             let result = AssertUnwindSafe(service.call(request))
                 .catch_unwind()
                 .await

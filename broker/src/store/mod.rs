@@ -10,7 +10,7 @@
 //! atomically (temp file, fsync, rename, fsync of the directory).
 //!
 //! All methods block (file I/O, and scrypt in [`Store::unlock`]); async callers
-//! use `spawn_blocking`, or [`UnlockThrottle::unlock`] for unlocking.
+//! use [`Store::run_blocking`], or [`UnlockThrottle::unlock`] for unlocking.
 
 mod crypto;
 mod fsutil;
@@ -22,7 +22,7 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kontext_broker_protocol::paths::is_valid_profile_name;
@@ -114,6 +114,19 @@ impl Store {
             unlocking: Mutex::new(()),
             renames: Mutex::new(()),
         })
+    }
+
+    /// Runs `task` with this store on tokio's blocking pool: how async code
+    /// calls the store's blocking methods.
+    pub async fn run_blocking<T, F>(self: &Arc<Self>, task: F) -> Result<T>
+    where
+        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || task(&store))
+            .await
+            .map_err(|e| Error::io("a blocking store task failed", io::Error::other(e)))?
     }
 
     /// The state directory this store lives in.

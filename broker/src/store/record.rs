@@ -1,6 +1,8 @@
 //! What one profile file holds, decrypted. Serialized as JSON inside age.
 
-use kontext_broker_protocol::{ClientAuthMethod, LifetimeSource, Secret, Token};
+use kontext_broker_protocol::{
+    ClientAuthMethod, ClientCredential, ImportRequest, LifetimeSource, Secret, Token,
+};
 use serde::{Deserialize, Serialize};
 
 /// Current on-disk format version of [`ProfileRecord`].
@@ -76,7 +78,63 @@ pub struct ProfileRecord {
     pub generation: u64,
 }
 
+/// A token response as an import or login read it: what a new record holds.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub access_token: Secret,
+    pub token_type: String,
+    pub refresh_token: Secret,
+    /// The scopes the IdP says it granted; `None` means "as requested".
+    pub granted_scopes: Option<Vec<String>>,
+    /// Seconds from `issued_at` to expiry (0 for a token that arrived expired).
+    pub lifetime_secs: u64,
+    pub lifetime_source: LifetimeSource,
+    /// Subject or email from the ID token, for display only.
+    pub subject: Option<String>,
+}
+
 impl ProfileRecord {
+    /// The record of a new profile: `import`'s client and scopes, `token`
+    /// obtained at unix time `now_secs`, and the discovered `endpoints`.
+    /// Generation 1; an install may raise it above an earlier session's.
+    pub fn from_import(
+        import: ImportRequest,
+        token: IssuedToken,
+        endpoints: Endpoints,
+        now_secs: u64,
+    ) -> ProfileRecord {
+        let (client_secret, client_key) = match import.credential {
+            ClientCredential::None => (None, None),
+            ClientCredential::Secret(secret) => (Some(secret), None),
+            ClientCredential::PrivateKey(key) => (None, Some(key)),
+        };
+        ProfileRecord {
+            format_version: PROFILE_FORMAT_VERSION,
+            name: import.profile,
+            issuer: import.issuer,
+            client_id: import.client_id,
+            client_secret,
+            client_key,
+            client_auth: import.client_auth,
+            client_auth_detected: None,
+            client_rejected: None,
+            scopes: import.scopes.clone(),
+            audience: None,
+            endpoints,
+            subject: token.subject,
+            refresh_token: Some(token.refresh_token),
+            access_token: Some(StoredAccessToken {
+                token: token.access_token,
+                token_type: token.token_type,
+                issued_at: now_secs,
+                expires_at: now_secs + token.lifetime_secs,
+                scopes: token.granted_scopes.unwrap_or(import.scopes),
+                lifetime_source: Some(token.lifetime_source),
+            }),
+            generation: 1,
+        }
+    }
+
     /// The cached access token as served to clients, if any.
     pub fn token(&self) -> Option<Token> {
         self.access_token.as_ref().map(|a| Token {

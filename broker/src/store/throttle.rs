@@ -62,9 +62,9 @@ impl UnlockThrottle {
     /// the error.
     pub async fn unlock(&self, store: Arc<Store>, passphrase: Secret) -> Result<()> {
         let _turn = self.attempt.lock().await;
-        let result = tokio::task::spawn_blocking(move || store.unlock(&passphrase))
-            .await
-            .map_err(|e| Error::Crypto(format!("unlock task failed: {e}")))?;
+        let result = store
+            .run_blocking(move |store| store.unlock(&passphrase))
+            .await;
         match result {
             Ok(()) => {
                 self.failures.store(0, Ordering::Relaxed);
