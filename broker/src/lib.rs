@@ -16,19 +16,18 @@
 //! - [`hardening`]: process hardening applied before anything else runs.
 //! - [`daemon`]: the `kontext-broker` process: startup, lock, signals, shutdown.
 //! - `error`: the crate's one [`Error`] type.
-//! - [`login`]: the OAuth login flows `broker-ctl login` runs (browser, device).
-//! - [`ctl`]: the `broker-ctl` command line.
+//!
+//! The `broker-ctl` command line and its login flows live in the
+//! `kontext-broker-ctl` crate (`ctl/`).
 
 pub mod bounds;
 pub mod clock;
 pub mod config;
-pub mod ctl;
 pub mod daemon;
 pub mod engine;
 mod error;
 pub mod hardening;
 pub mod idp;
-pub mod login;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -11,7 +11,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 
-cargo build --release -p kontext-broker --bins
+cargo build --release --workspace --bins
 cargo bench -p kontext-broker-tests --bench report --no-run
 
 if ! command -v oidc-token >/dev/null 2>&1; then

@@ -4,7 +4,7 @@
 //! The binary is `$KONTEXT_BROKER_BIN`, else `kontext-broker` in the cargo target
 //! directory of the running test (`target/debug/deps/<test>` → `target/debug/`).
 //! Cargo builds it for integration tests of the `kontext-broker` package; if it
-//! is missing, run `cargo build -p kontext-broker --bins`.
+//! is missing, run `cargo build --workspace --bins`.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -290,7 +290,7 @@ fn launch(opts: &BrokerOptions, socket: &Path, state_dir: &Path, config: &Path) 
     let bin = broker_binary();
     assert!(
         bin.exists(),
-        "{} not found; run `cargo build -p kontext-broker --bins` or set KONTEXT_BROKER_BIN",
+        "{} not found; run `cargo build --workspace --bins` or set KONTEXT_BROKER_BIN",
         bin.display()
     );
     let mut cmd = match opts.launcher.split_first() {

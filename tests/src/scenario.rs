@@ -7,9 +7,16 @@ use std::process::Output;
 use kontext_broker_client::{BrokerClient, ImportRequest, ProfileStatus, Secret};
 use serde_json::Value;
 
-/// Path of the `broker-ctl` binary next to `kontext-broker`.
+/// Path of the `broker-ctl` binary (package `kontext-broker-ctl`) next to
+/// `kontext-broker`; panics naming the build command when it is missing.
 pub fn broker_ctl_binary() -> PathBuf {
-    crate::broker_process::broker_binary().with_file_name("broker-ctl")
+    let bin = crate::broker_process::broker_binary().with_file_name("broker-ctl");
+    assert!(
+        bin.is_file(),
+        "{} not found; run `cargo build --workspace --bins`",
+        bin.display()
+    );
+    bin
 }
 
 /// Connects a client to the broker at `socket`.

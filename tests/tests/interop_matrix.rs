@@ -6,7 +6,7 @@
 //! test plays the user on the server's own pages.
 //!
 //! Needs `node` with `npm ci --prefix tests/idp`, `python3` (the DOT venv is
-//! created on first use), and `cargo build -p kontext-broker --bins`.
+//! created on first use), and `cargo build --workspace --bins`.
 
 use std::path::Path;
 use std::process::Stdio;

@@ -1,16 +1,16 @@
 //! `broker-ctl login` and `broker-ctl doctor` against a real broker process
 //! and the real `oidc-provider`. The commands run in-process
-//! (`kontext_broker::ctl::{login, doctor}`), with stdout and stderr captured,
+//! (`kontext_broker_ctl::cli::{login, doctor}`), with stdout and stderr captured,
 //! while the test plays the user. Needs `node`, `npm ci --prefix tests/idp`
-//! and the broker binary (`cargo build -p kontext-broker --bins`).
+//! and the broker binary (`cargo build --workspace --bins`).
 
 use std::io::Write;
 use std::time::Duration;
 
-use kontext_broker::ctl::doctor::{self, Level};
-use kontext_broker::ctl::exit;
-use kontext_broker::ctl::login::{self, LoginArgs};
 use kontext_broker_client::BrokerClient;
+use kontext_broker_ctl::cli::doctor::{self, Level};
+use kontext_broker_ctl::cli::exit;
+use kontext_broker_ctl::cli::login::{self, LoginArgs};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::html_form::{approve_device_code, complete_login};
 use kontext_broker_tests::oidc_provider::{http_client, OidcProvider, PUBLIC_CLIENT_ID};

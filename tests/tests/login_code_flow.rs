@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use kontext_broker::idp::{Http, TokenResponse};
-use kontext_broker::login::{login, Flow, LoginError, LoginOptions, LoginOutcome, LoginUi};
+use kontext_broker_ctl::login::{login, Flow, LoginError, LoginOptions, LoginOutcome, LoginUi};
 use kontext_broker_protocol::Secret;
 use kontext_broker_tests::html_form::complete_login;
 use kontext_broker_tests::oidc_provider::{

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use kontext_broker::idp::{Http, TokenResponse};
-use kontext_broker::login::{login, Flow, LoginError, LoginOptions, LoginOutcome, LoginUi};
+use kontext_broker_ctl::login::{login, Flow, LoginError, LoginOptions, LoginOutcome, LoginUi};
 use kontext_broker_tests::html_form::{approve_device_code, parse_single_form};
 use kontext_broker_tests::oidc_provider::{OidcProvider, PUBLIC_CLIENT_ID};
 use tokio::sync::mpsc;

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use kontext_broker::clock::SystemClock;
 use kontext_broker::idp::{discover, Http};
-use kontext_broker::login::{
+use kontext_broker_ctl::login::{
     verify_id_token_with_keys as verify_id_token, IdTokenCheck, IdTokenError, Identity, JwksCache,
 };
 use kontext_broker_tests::html_form::complete_login;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use kontext_broker::idp::{discover, Http, TokenResponse};
-use kontext_broker::login::{
+use kontext_broker_ctl::login::{
     login, register_client, Flow, LoginOptions, LoginUi, DEVICE_CODE_GRANT,
 };
 use kontext_broker_tests::html_form::{approve_device_code, complete_login};

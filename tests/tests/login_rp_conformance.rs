@@ -2,19 +2,19 @@
 //! "ID token checks"): the OpenID Foundation's Basic RP tests, by name, against
 //! the fake IdP's hostile mode, in the code flow and in the device flow.
 //!
-//! Each login runs `kontext_broker::ctl::login` in-process against a real broker
+//! Each login runs `kontext_broker_ctl::cli::login` in-process against a real broker
 //! process, while the test plays the browser (it follows the authorization
 //! redirect and requests the loopback callback). Every refusal asserts the
 //! message, that the broker holds no profile, that no token the IdP issued
 //! appears in stdout, stderr or the browser's page, and that the refused
-//! response's tokens are revoked. Needs `cargo build -p kontext-broker --bins`.
+//! response's tokens are revoked. Needs `cargo build --workspace --bins`.
 
 use std::io::Write;
 use std::time::Duration;
 
-use kontext_broker::ctl::exit;
-use kontext_broker::ctl::login::{self, LoginArgs, DEFAULT_TIMEOUT_SECS};
 use kontext_broker_client::BrokerClient;
+use kontext_broker_ctl::cli::exit;
+use kontext_broker_ctl::cli::login::{self, LoginArgs, DEFAULT_TIMEOUT_SECS};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{
     Failure as IdpFailure, FakeIdp, FakeIdpConfig, IdTokenForgery, IssParameter,
@@ -59,7 +59,7 @@ struct Page {
 
 /// Everything a login run left behind.
 struct Run {
-    result: Result<(), kontext_broker::ctl::Failure>,
+    result: Result<(), kontext_broker_ctl::cli::Failure>,
     out: String,
     err: String,
     page: Option<Page>,
@@ -899,7 +899,7 @@ async fn unknown_kid_storm_fetches_the_keys_at_most_once_per_interval() {
 
     use kontext_broker::clock::ManualClock;
     use kontext_broker::idp::Http;
-    use kontext_broker::login::{
+    use kontext_broker_ctl::login::{
         verify_id_token, IdTokenCheck, IdTokenError, JwksCache, LoginError, MIN_REFRESH_INTERVAL,
     };
 

@@ -3,7 +3,7 @@
 //! endpoint found in either discovery document, given on the command line or
 //! in the config file, and exit 9 ("logged out locally; not revoked at the
 //! IdP") when revocation was impossible or failed. Needs the broker binaries
-//! (`cargo build -p kontext-broker --bins`).
+//! (`cargo build --workspace --bins`).
 
 use std::process::{Output, Stdio};
 

@@ -136,7 +136,7 @@ fn transport(e: reqwest::Error) -> HttpError {
 }
 
 /// An error and all its sources, joined with ": " (the causes say what really failed).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

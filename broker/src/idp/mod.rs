@@ -19,7 +19,7 @@ mod token_response;
 use std::time::Duration;
 
 pub use discovery::{discover, discover_metadata, discover_with, validate_overrides, Metadata};
-pub(crate) use http::error_chain;
+pub use http::error_chain;
 pub use http::{Http, HttpError};
 pub use issuer::{is_loopback_http, validate_endpoint, validate_issuer};
 pub use refresh::{classify_error, revoke};

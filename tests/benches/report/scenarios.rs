@@ -36,7 +36,7 @@ impl<'a> Context<'a> {
         let bin = broker_binary();
         assert!(
             bin.is_file(),
-            "{} is missing: run `cargo build --release -p kontext-broker --bins` (tests/bench/run.sh does)",
+            "{} is missing: run `cargo build --release --workspace --bins` (tests/bench/run.sh does)",
             bin.display()
         );
         let idp = fixture.block_on(FakeIdp::start(FakeIdpConfig::default()));

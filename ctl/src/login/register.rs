@@ -11,9 +11,9 @@ use serde::Deserialize;
 use super::{sanitize, LoginError};
 
 fn code(code: &str) -> String {
-    crate::idp::sanitize::code(code, &crate::idp::sanitize::Secrets::none())
+    kontext_broker::idp::sanitize::code(code, &kontext_broker::idp::sanitize::Secrets::none())
 }
-use crate::idp::{validate_endpoint, Http};
+use kontext_broker::idp::{validate_endpoint, Http};
 
 /// The RFC 8628 grant type.
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";

@@ -19,8 +19,8 @@ use super::token::{LoginClient, RawTokenResponse};
 use super::{
     request_failure, sanitize, token_error, with_client_auth, LoginContext, LoginError, LoginUi,
 };
-use crate::idp::client_auth::{assertion, ASSERTION_TYPE};
-use crate::idp::{ClientAuth, EndpointKind, Http, HttpError};
+use kontext_broker::idp::client_auth::{assertion, ASSERTION_TYPE};
+use kontext_broker::idp::{ClientAuth, EndpointKind, Http, HttpError};
 
 /// Runs the device flow: asks for a code, shows it, and polls until the user
 /// approves, refuses, or time runs out. The response is checked by the caller
@@ -200,9 +200,9 @@ fn device_error<RE: std::error::Error + 'static>(
                 },
                 DeviceCodeErrorResponseType::ExpiredToken => LoginError::DeviceCodeExpired,
                 other => {
-                    let code = crate::idp::sanitize::code(
+                    let code = kontext_broker::idp::sanitize::code(
                         other.as_ref(),
-                        &crate::idp::sanitize::Secrets::none(),
+                        &kontext_broker::idp::sanitize::Secrets::none(),
                     );
                     if code == "server_error" || code == "temporarily_unavailable" {
                         LoginError::IdpUnavailable(code)

@@ -252,7 +252,7 @@ impl CredentialArgs {
             (Some(f), _) => ClientCredential::Secret(read_secret_file(f)?),
             (None, Some(f)) => {
                 let key = read_key_file(f)?;
-                crate::idp::client_auth::check_client_key(&key).map_err(|e| Failure {
+                kontext_broker::idp::client_auth::check_client_key(&key).map_err(|e| Failure {
                     code: exit::USAGE,
                     message: format!("{}: {e}", f.display()),
                 })?;
@@ -285,7 +285,7 @@ fn profile_name(s: &str) -> Result<String, String> {
 pub fn main() -> ExitCode {
     // broker-ctl handles passphrases, token responses and access tokens too:
     // no core dumps, no ptrace by other processes of this user.
-    let _ = crate::hardening::harden_process();
+    let _ = kontext_broker::hardening::harden_process();
     let mut stdout = std::io::stdout();
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if let Some(token) = fast::parse_token(&args) {
@@ -387,7 +387,7 @@ pub async fn run(cli: Cli, input: &mut dyn Read, out: &mut dyn Write) -> Result<
                 .await?;
             // The broker accepts only b64token characters; a token from an
             // older store that breaks the rule never reaches a header here.
-            if !crate::bounds::is_b64token(t.access_token.expose()) {
+            if !kontext_broker::bounds::is_b64token(t.access_token.expose()) {
                 return Err(Failure::other(
                     "the broker served an access token with characters outside RFC 6750 b64token; refusing to print it (run `broker-ctl refresh`)",
                 ));

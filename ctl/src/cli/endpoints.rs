@@ -32,7 +32,7 @@ impl EndpointArgs {
 
 /// An endpoint URL by the issuer rule: https, or http on loopback only.
 fn endpoint_url(s: &str) -> Result<String, String> {
-    crate::idp::validate_endpoint("endpoint", s)
+    kontext_broker::idp::validate_endpoint("endpoint", s)
         .map(|_| s.to_owned())
         .map_err(|e| e.to_string())
 }

@@ -45,10 +45,10 @@ use openidconnect::{
 };
 use tokio_util::task::TaskTracker;
 
-use crate::clock::SystemClock;
-use crate::idp::client_auth::{check_client_key, check_method, Prepared};
-use crate::idp::{discover_metadata, ClientAuth, EndpointKind, Http};
-use crate::store::Endpoints;
+use kontext_broker::clock::SystemClock;
+use kontext_broker::idp::client_auth::{check_client_key, check_method, Prepared};
+use kontext_broker::idp::{discover_metadata, ClientAuth, EndpointKind, Http};
+use kontext_broker::store::Endpoints;
 
 pub use discard::REVOKE_TIMEOUT;
 pub use id_token_error::{IdTokenError, KeyRefresh};
@@ -186,7 +186,7 @@ pub enum LoginError {
     Unsupported(String),
     /// Discovery or URL validation failed.
     #[error(transparent)]
-    Discovery(crate::Error),
+    Discovery(kontext_broker::Error),
     /// The loopback listener for the redirect could not be opened.
     #[error("cannot listen on 127.0.0.1 for the login callback: {0}")]
     Listener(std::io::Error),
@@ -262,13 +262,14 @@ impl LoginError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            LoginError::IdpUnavailable(_) | LoginError::Discovery(crate::Error::IdpTransient(_))
+            LoginError::IdpUnavailable(_)
+                | LoginError::Discovery(kontext_broker::Error::IdpTransient(_))
         )
     }
 }
 
-/// IdP text on its way to the terminal: see [`crate::idp::sanitize`].
-pub(crate) use crate::idp::sanitize::text as sanitize;
+/// IdP text on its way to the terminal: see [`kontext_broker::idp::sanitize`].
+pub(crate) use kontext_broker::idp::sanitize::text as sanitize;
 
 /// Runs a login to completion: discovery, optional registration, the flow,
 /// and the checks of the token response. Dropping the future cancels it and
@@ -718,9 +719,9 @@ fn token_error<RE: std::error::Error + 'static>(
 ) -> LoginError {
     match e {
         RequestTokenError::ServerResponse(r) => {
-            let code = crate::idp::sanitize::code(
+            let code = kontext_broker::idp::sanitize::code(
                 r.error().as_ref(),
-                &crate::idp::sanitize::Secrets::none(),
+                &kontext_broker::idp::sanitize::Secrets::none(),
             );
             let description = r.error_description().map(|d| sanitize(d));
             if matches!(
@@ -759,9 +760,10 @@ pub(crate) fn request_failure<RE: std::error::Error + 'static, TE: openidconnect
         RequestTokenError::ServerResponse(_) => {
             LoginError::Token("unexpected error response".into())
         }
-        RequestTokenError::Request(e) => {
-            LoginError::IdpUnavailable(format!("request failed: {}", crate::idp::error_chain(&e)))
-        }
+        RequestTokenError::Request(e) => LoginError::IdpUnavailable(format!(
+            "request failed: {}",
+            kontext_broker::idp::error_chain(&e)
+        )),
         RequestTokenError::Parse(e, _body) => {
             LoginError::Token(format!("unreadable response (at `{}`)", e.path()))
         }

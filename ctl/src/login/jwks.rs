@@ -12,8 +12,8 @@ use openidconnect::core::CoreJsonWebKeySet;
 use tokio::sync::Mutex;
 
 use super::LoginError;
-use crate::clock::Clock;
-use crate::idp::{validate_endpoint, Http};
+use kontext_broker::clock::Clock;
+use kontext_broker::idp::{validate_endpoint, Http};
 
 /// Least time between two re-fetches of one issuer's keys, whatever the reason
 /// (an unknown `kid`, or cache headers that expired).

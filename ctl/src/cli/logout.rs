@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{connect, exit, Failure};
-use crate::login::sanitize;
+use kontext_broker::idp::sanitize::text as sanitize;
 
 /// Runs `broker-ctl logout`; the outcome goes to `out`, a revocation that did
 /// not happen to the returned [`Failure`] (stderr).

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kontext_broker_protocol::{paths, StatusReport};
 
 use super::{connect, exit, Failure};
-use crate::config::Config;
-use crate::idp::{discover, validate_issuer, Http};
+use kontext_broker::config::Config;
+use kontext_broker::idp::{discover, validate_issuer, Http};
 
 /// Clock skew against an IdP above which a warning is given. Token lifetimes
 /// and ID token `iat`/`exp` checks start to misbehave around here.

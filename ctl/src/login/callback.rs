@@ -190,7 +190,10 @@ fn evaluate(
     }
     if let Some(error) = param(params, "error") {
         return Err(LoginError::Denied {
-            error: crate::idp::sanitize::code(error, &crate::idp::sanitize::Secrets::none()),
+            error: kontext_broker::idp::sanitize::code(
+                error,
+                &kontext_broker::idp::sanitize::Secrets::none(),
+            ),
             description: param(params, "error_description").map(sanitize),
         });
     }

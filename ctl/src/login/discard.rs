@@ -11,7 +11,7 @@ use std::time::Duration;
 use kontext_broker_protocol::{ClientAuthMethod, Secret};
 use tokio_util::task::TaskTracker;
 
-use crate::idp::{validate_endpoint, ClientAuth, Http};
+use kontext_broker::idp::{validate_endpoint, ClientAuth, Http};
 
 /// Upper bound on the whole background revocation.
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);

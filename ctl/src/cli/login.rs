@@ -17,9 +17,9 @@ use kontext_broker_protocol::{paths, ClientCredential, ImportRequest, DEFAULT_PR
 
 use super::render::escape_controls;
 use super::{connect, exit, rfc3339, CredentialArgs, Failure};
-use crate::config::Config;
-use crate::idp::Http;
 use crate::login::{self, Flow, LoginError, LoginOptions, LoginUi};
+use kontext_broker::config::Config;
+use kontext_broker::idp::Http;
 
 /// Arguments of `broker-ctl login`.
 #[derive(Debug, Clone, clap::Args)]
@@ -260,7 +260,7 @@ pub async fn run_until(
         .await?;
     let who = outcome
         .subject
-        .map(|s| format!(" as {}", crate::login::sanitize(&s)))
+        .map(|s| format!(" as {}", kontext_broker::idp::sanitize::text(&s)))
         .unwrap_or_default();
     writeln!(
         out,
