@@ -2,15 +2,12 @@
 //! `get_token` round trip, and a raw Unix-socket echo of similar size for scale
 //! (contract §9: compare ratios within one run, never absolute numbers).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::Duration;
 
-use common::{handler, token, Action, Mock};
 use criterion::{criterion_group, criterion_main, Criterion};
 use kontext_broker_client::{BrokerClient, BrokerTokenSource, TokenSource};
 use kontext_broker_protocol::{Request, Response, WatchEvent};
+use kontext_broker_testutil::mock_broker::{handler, token, Action, Mock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn bench(c: &mut Criterion) {

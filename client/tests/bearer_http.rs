@@ -1,14 +1,11 @@
 //! End to end over real HTTP: hyper client + BearerLayer + BrokerTokenSource
 //! against the mock broker and a hyper backend that accepts only the newest token.
 
-mod common;
-
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{handler, token, Action, Mock};
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper_util::client::legacy::Client;
@@ -16,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use kontext_broker_client::bearer::{BearerBody, BearerLayer};
 use kontext_broker_client::BrokerTokenSource;
 use kontext_broker_protocol::{Request, Response, WatchEvent};
+use kontext_broker_testutil::mock_broker::{handler, token, Action, Mock};
 use tower::{Layer, ServiceExt};
 
 const NET: Duration = Duration::from_secs(10);

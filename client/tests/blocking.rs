@@ -1,12 +1,10 @@
 //! The blocking client, driven from a plain thread against the mock broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{handler, token, Action, Mock};
 use kontext_broker_client::blocking::BrokerClient;
 use kontext_broker_protocol::{Request, Response};
+use kontext_broker_testutil::mock_broker::{handler, token, Action, Mock};
 
 #[test]
 fn blocking_calls_work_without_a_runtime() {

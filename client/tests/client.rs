@@ -1,21 +1,19 @@
 //! BrokerClient against the in-test mock broker.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{handler, token, Action, Mock};
 use futures::StreamExt;
 use kontext_broker_client::{BrokerClient, Error, ProfileState};
 use kontext_broker_protocol::{BrokerError, Request, Response, WatchEvent};
+use kontext_broker_testutil::mock_broker::{handler, token, Action, Handler, Mock};
 use tokio::sync::oneshot;
 
 /// Safety net only: every wait below ends on a real event.
 const NET: Duration = Duration::from_secs(10);
 
-fn pong() -> common::Handler {
+fn pong() -> Handler {
     handler(|r| async move {
         match r {
             Request::Ping => Action::Reply(Ok(Response::Pong)),

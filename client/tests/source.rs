@@ -1,12 +1,10 @@
 //! BrokerTokenSource against the in-test mock broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{handler, token, Action, Mock};
 use kontext_broker_client::{BrokerTokenSource, Error, TokenSource};
 use kontext_broker_protocol::{BrokerError, Request, Response, Token, WatchEvent};
+use kontext_broker_testutil::mock_broker::{handler, token, Action, Handler, Mock};
 
 /// Safety net only: every wait below ends on a real event.
 const NET: Duration = Duration::from_secs(10);
@@ -23,7 +21,7 @@ fn is_get(r: &Request) -> bool {
 }
 
 /// Answers GetToken and Invalidate with `generation`.
-fn serving(generation: u64) -> common::Handler {
+fn serving(generation: u64) -> Handler {
     handler(move |r| async move {
         match r {
             Request::GetToken { .. } => Action::Reply(Ok(Response::Token(token(generation, 3600)))),

@@ -1,6 +1,12 @@
+//! Helpers shared by the tests of every crate.
+//!
 //! Test prerequisites (root, an installed tool): when env `CI` is set a missing
 //! one fails the test with a message naming it; elsewhere the test is skipped
 //! with a printed note. No test may skip silently.
+//!
+//! [`mock_broker`]: a scripted broker on a Unix socket, for client and CLI tests.
+
+pub mod mock_broker;
 
 use std::path::{Path, PathBuf};
 

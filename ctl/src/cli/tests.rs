@@ -2,10 +2,9 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 use kontext_broker_protocol::{
-    BrokerError, BrokerStatus, ClientMessage, FrameReader, FrameWriter, ProfileState,
-    ProfileStatus, ResponseFrame, ServerMessage, StatusReport, WatchEvent, Welcome,
-    PROTOCOL_VERSION,
+    BrokerError, BrokerStatus, ProfileState, ProfileStatus, StatusReport, WatchEvent,
 };
+use kontext_broker_testutil::mock_broker::{handler, Action, Mock};
 use serde_json::Value;
 
 use super::*;
@@ -286,35 +285,9 @@ fn passphrase_fd_reads_first_line() {
     assert_eq!(p.expose(), "correct horse");
 }
 
-/// A one-connection mock broker that answers each request with `answer`.
-async fn mock(
-    answer: fn(&Request) -> Result<Response, BrokerError>,
-) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("broker.sock");
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        let (r, w) = s.into_split();
-        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-        let Ok(Some(ClientMessage::Hello(_))) = r.read_message::<ClientMessage>().await else {
-            return;
-        };
-        w.write_message(&ServerMessage::Welcome(Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            broker_version: "mock".into(),
-            pid: 1,
-        }))
-        .await
-        .unwrap();
-        while let Ok(Some(ClientMessage::Request(f))) = r.read_message::<ClientMessage>().await {
-            let result = answer(&f.request);
-            let _ = w
-                .write_message(&ServerMessage::Response(ResponseFrame { id: f.id, result }))
-                .await;
-        }
-    });
-    (dir, path)
+/// The shared mock broker, answering each request with `answer`.
+fn mock(answer: fn(&Request) -> Result<Response, BrokerError>) -> Mock {
+    Mock::start(handler(move |r| async move { Action::Reply(answer(&r)) }))
 }
 
 async fn run_args(args: &[&str], stdin: &[u8]) -> (Result<(), Failure>, String) {
@@ -339,14 +312,13 @@ fn printed_token() -> Token {
 
 #[tokio::test]
 async fn token_prints_only_the_token() {
-    let (_d, path) = mock(|r| match r {
+    let mock = mock(|r| match r {
         Request::GetToken {
             min_valid_secs: 60, ..
         } => Ok(Response::Token(printed_token())),
         _ => Err(BrokerError::bad_request("unexpected")),
-    })
-    .await;
-    let p = path.to_str().unwrap();
+    });
+    let p = mock.path.to_str().unwrap();
     let (r, out) = run_args(
         &["broker-ctl", "--socket", p, "token", "--min-valid", "60"],
         b"",
@@ -358,14 +330,13 @@ async fn token_prints_only_the_token() {
 
 #[tokio::test]
 async fn broker_errors_become_exit_codes_with_one_line() {
-    let (_d, path) = mock(|_| {
+    let mock = mock(|_| {
         Err(BrokerError::ReauthRequired {
             profile: "default".into(),
             message: "Session expired, run `kontext login` to re-authenticate".into(),
         })
-    })
-    .await;
-    let p = path.to_str().unwrap();
+    });
+    let p = mock.path.to_str().unwrap();
     let (r, out) = run_args(&["broker-ctl", "--socket", p, "token"], b"").await;
     let f = r.unwrap_err();
     assert_eq!(f.code, exit::REAUTH_REQUIRED);
@@ -398,7 +369,7 @@ async fn not_running_exits_3_naming_path_and_fix() {
 
 #[tokio::test]
 async fn status_json_end_to_end_is_one_object() {
-    let (_d, path) = mock(|r| match r {
+    let mock = mock(|r| match r {
         Request::Status => Ok(Response::Status(StatusReport {
             broker: BrokerStatus {
                 version: "9".into(),
@@ -415,9 +386,8 @@ async fn status_json_end_to_end_is_one_object() {
             next_after: None,
         })),
         _ => Err(BrokerError::bad_request("unexpected")),
-    })
-    .await;
-    let p = path.to_str().unwrap();
+    });
+    let p = mock.path.to_str().unwrap();
     let (r, out) = run_args(&["broker-ctl", "--socket", p, "status", "--json"], b"").await;
     r.unwrap();
     assert_eq!(out.lines().count(), 1);
@@ -450,48 +420,17 @@ async fn import_without_refresh_token_sends_nothing() {
     assert!(f.message.contains("no refresh_token"));
 }
 
-/// A mock that answers one `Watch` with `Watching`, pushes `events`, then hangs up.
-async fn watch_mock(events: Vec<WatchEvent>) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("broker.sock");
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        let (r, w) = s.into_split();
-        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-        let Ok(Some(ClientMessage::Hello(_))) = r.read_message::<ClientMessage>().await else {
-            return;
-        };
-        w.write_message(&ServerMessage::Welcome(Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            broker_version: "mock".into(),
-            pid: 1,
-        }))
-        .await
-        .unwrap();
-        let Ok(Some(ClientMessage::Request(f))) = r.read_message::<ClientMessage>().await else {
-            return;
-        };
-        assert!(matches!(f.request, Request::Watch { ref profile } if profile == "work"));
-        w.write_message(&ServerMessage::Response(ResponseFrame {
-            id: f.id,
-            result: Ok(Response::Watching),
-        }))
-        .await
-        .unwrap();
-        for event in events {
-            w.write_message(&ServerMessage::Event { id: f.id, event })
-                .await
-                .unwrap();
-        }
-        // Dropping both halves closes the connection.
-    });
-    (dir, path)
+/// A mock that answers a `Watch` with `Watching`, pushes `events`, then hangs up.
+fn watch_mock(events: Vec<WatchEvent>) -> Mock {
+    let mock = mock(|_| Err(BrokerError::bad_request("unexpected")));
+    mock.set_initial(events);
+    mock.hang_up_after_initial();
+    mock
 }
 
 #[tokio::test]
 async fn watch_json_streams_lines_then_exits_3_when_the_broker_goes() {
-    let (_d, path) = watch_mock(vec![
+    let mock = watch_mock(vec![
         WatchEvent::Token {
             profile: "work".into(),
             token: Token {
@@ -507,9 +446,8 @@ async fn watch_json_streams_lines_then_exits_3_when_the_broker_goes() {
             profile: "work".into(),
             message: "log in".into(),
         },
-    ])
-    .await;
-    let p = path.to_str().unwrap();
+    ]);
+    let p = mock.path.to_str().unwrap();
     let (r, out) = run_args(
         &[
             "broker-ctl",
@@ -533,6 +471,11 @@ async fn watch_json_streams_lines_then_exits_3_when_the_broker_goes() {
     assert_eq!(lines[0]["generation"], 9);
     assert_eq!(lines[1]["event"], "reauth_required");
     assert!(!out.contains("SECRET"));
+    assert!(
+        matches!(&mock.requests()[..], [Request::Watch { profile }] if profile == "work"),
+        "{:?}",
+        mock.requests()
+    );
 }
 
 /// `broker-ctl token` through the fast path (no runtime on the caller's side):
@@ -556,11 +499,11 @@ fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
         fast::parse_token(&v).expect("a token command line")
     };
 
-    let (_d, path) = rt.block_on(mock(answer));
+    let work = rt.block_on(async { mock(answer) });
     let mut out = Vec::new();
     fast::token(
         &args(
-            path.to_str().unwrap(),
+            work.path.to_str().unwrap(),
             &["--profile", "work", "--min-valid", "60"],
         ),
         &mut out,
@@ -568,10 +511,10 @@ fn fast_token_path_prints_only_the_token_and_keeps_exit_codes() {
     .unwrap();
     assert_eq!(out, b"eyJ.token.sig\n");
 
-    let (_d, path) = rt.block_on(mock(answer));
+    let nope = rt.block_on(async { mock(answer) });
     let mut out = Vec::new();
     let f = fast::token(
-        &args(path.to_str().unwrap(), &["--profile", "nope"]),
+        &args(nope.path.to_str().unwrap(), &["--profile", "nope"]),
         &mut out,
     )
     .unwrap_err();

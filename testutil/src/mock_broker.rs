@@ -1,5 +1,5 @@
-//! A scriptable in-test broker speaking the real wire protocol.
-#![allow(dead_code)]
+//! A scriptable in-test broker speaking the real wire protocol: the one mock
+//! that the client's and `broker-ctl`'s tests share.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 /// What the mock does with one request.
 pub enum Action {
+    /// Answer with this result.
     Reply(Result<Response, BrokerError>),
     /// Never answer.
     Silent,
@@ -27,8 +28,11 @@ pub enum Action {
     ),
 }
 
+/// Decides the [`Action`] for each request (other than `Watch`, which the mock
+/// serves itself from [`Mock::set_initial`] and [`Mock::push`]).
 pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Action> + Send + Sync>;
 
+/// A [`Handler`] from an async closure.
 pub fn handler<F, Fut>(f: F) -> Handler
 where
     F: Fn(Request) -> Fut + Send + Sync + 'static,
@@ -40,21 +44,33 @@ where
 #[derive(Default)]
 struct Shared {
     requests: Mutex<Vec<Request>>,
-    watchers: Mutex<Vec<(mpsc::UnboundedSender<ServerMessage>, u64, String)>>,
+    watchers: Mutex<Vec<(mpsc::UnboundedSender<Out>, u64, String)>>,
     /// Events sent to every new watcher right after `Watching`.
     initial: Mutex<Vec<WatchEvent>>,
+    /// Close a watcher's connection once its initial events are written.
+    hang_up_after_initial: Mutex<bool>,
     conns: Mutex<Vec<JoinHandle<()>>>,
     hellos: Mutex<usize>,
 }
 
+/// What a connection writes next, in order.
+enum Out {
+    Message(ServerMessage),
+    /// Close the connection after everything queued before it.
+    Close,
+}
+
+/// A running mock broker; dropping it stops the listener and every connection.
 pub struct Mock {
+    /// The socket path clients connect to.
     pub path: PathBuf,
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
-    /// Version announced in Welcome; `None` answers Hello with VersionMismatch.
+    /// The temp dir holding the socket, when the mock made one.
     _dir: Option<tempfile::TempDir>,
 }
 
+/// A token of `generation` that expires `lifetime` seconds from now.
 pub fn token(generation: u64, lifetime: u64) -> Token {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -109,6 +125,7 @@ impl Mock {
         self.shared.requests.lock().unwrap().clone()
     }
 
+    /// How many requests received so far match `pred`.
     pub fn count(&self, pred: impl Fn(&Request) -> bool) -> usize {
         self.shared
             .requests
@@ -119,12 +136,20 @@ impl Mock {
             .count()
     }
 
+    /// How many `Hello`s (connections that reached the handshake) so far.
     pub fn hellos(&self) -> usize {
         *self.shared.hellos.lock().unwrap()
     }
 
+    /// Events sent to every new watcher of their profile right after `Watching`.
     pub fn set_initial(&self, events: Vec<WatchEvent>) {
         *self.shared.initial.lock().unwrap() = events;
+    }
+
+    /// Makes every later watcher's connection close once its initial events
+    /// are written: a broker that goes away in the middle of a watch.
+    pub fn hang_up_after_initial(&self) {
+        *self.shared.hang_up_after_initial.lock().unwrap() = true;
     }
 
     /// Pushes `event` to every watcher; returns how many received it.
@@ -135,10 +160,10 @@ impl Mock {
         for (tx, id, profile) in ws.iter() {
             if profile == event.profile()
                 && tx
-                    .send(ServerMessage::Event {
+                    .send(Out::Message(ServerMessage::Event {
                         id: *id,
                         event: event.clone(),
-                    })
+                    }))
                     .is_ok()
             {
                 n += 1;
@@ -147,6 +172,7 @@ impl Mock {
         n
     }
 
+    /// How many watch streams are open.
     pub fn watchers(&self) -> usize {
         let mut ws = self.shared.watchers.lock().unwrap();
         ws.retain(|(tx, _, _)| !tx.is_closed());
@@ -208,7 +234,7 @@ async fn serve(
         }
         _ => return,
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<ServerMessage>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<()>();
     // Handler tasks die with this connection (JoinSet aborts on drop).
     let mut handlers = tokio::task::JoinSet::new();
@@ -216,6 +242,7 @@ async fn serve(
         let msg = tokio::select! {
             m = reader.read_message::<ClientMessage>() => m,
             Some(out) = rx.recv() => {
+                let Out::Message(out) = out else { break };
                 if writer.write_message(&out).await.is_err() {
                     break;
                 }
@@ -229,10 +256,10 @@ async fn serve(
         };
         shared.requests.lock().unwrap().push(frame.request.clone());
         if let Request::Watch { profile } = &frame.request {
-            let _ = tx.send(ServerMessage::Response(ResponseFrame {
+            let _ = tx.send(Out::Message(ServerMessage::Response(ResponseFrame {
                 id: frame.id,
                 result: Ok(Response::Watching),
-            }));
+            })));
             for ev in shared
                 .initial
                 .lock()
@@ -240,10 +267,13 @@ async fn serve(
                 .iter()
                 .filter(|e| e.profile() == profile)
             {
-                let _ = tx.send(ServerMessage::Event {
+                let _ = tx.send(Out::Message(ServerMessage::Event {
                     id: frame.id,
                     event: ev.clone(),
-                });
+                }));
+            }
+            if *shared.hang_up_after_initial.lock().unwrap() {
+                let _ = tx.send(Out::Close);
             }
             shared
                 .watchers
@@ -258,16 +288,16 @@ async fn serve(
         handlers.spawn(async move {
             match fut.await {
                 Action::Reply(result) => {
-                    let _ = tx.send(ServerMessage::Response(ResponseFrame {
+                    let _ = tx.send(Out::Message(ServerMessage::Response(ResponseFrame {
                         id: frame.id,
                         result,
-                    }));
+                    })));
                 }
                 Action::ReplyThen(result, done) => {
-                    let _ = tx.send(ServerMessage::Response(ResponseFrame {
+                    let _ = tx.send(Out::Message(ServerMessage::Response(ResponseFrame {
                         id: frame.id,
                         result,
-                    }));
+                    })));
                     let _ = done.send(());
                 }
                 Action::Silent => {}
