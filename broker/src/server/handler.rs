@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{FutureExt, StreamExt};
-use kontext_broker_protocol::codec::{self, EncodedToken};
+use kontext_broker_protocol::codec;
 use kontext_broker_protocol::{
     BrokerError, ClientMessage, Error as WireError, FrameReader, FrameWriter, Request,
     RequestFrame, Response, ResponseFrame, ServerMessage, Welcome, PROTOCOL_VERSION,
@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 use zeroize::Zeroize;
 
-use super::output::{Output, WriteEnd};
+use super::output::{flush, write_error, Output, Queued, WriteEnd, ERROR_WRITE_TIMEOUT};
 use super::{MAX_IN_FLIGHT, MAX_WATCHES, WRITE_TIMEOUT};
 use crate::service::Service;
 
@@ -41,8 +41,6 @@ type Outbox = mpsc::Sender<Box<ServerMessage>>;
 
 /// Queue depth between request tasks and the writer.
 const OUTBOX_DEPTH: usize = 16;
-/// A connection-level error is written best effort, then the connection closes.
-const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Keeps `Stats::connections` equal to the number of live handlers, even when a
 /// handler unwinds.
@@ -90,14 +88,6 @@ enum Step {
     Frame(Result<Option<BytesMut>, WireError>),
     /// An answer or event from a request or watch task; `None` once all are done.
     Outgoing(Option<Box<ServerMessage>>),
-}
-
-/// A cached `GetToken` answer waiting for the socket (it is written at once
-/// when the socket is free).
-struct Queued {
-    id: u64,
-    answer: Arc<EncodedToken>,
-    _permit: OwnedSemaphorePermit,
 }
 
 pub(super) struct Handler {
@@ -486,28 +476,4 @@ impl Handler {
             debug!(conn, id, "watch ended");
         });
     }
-}
-
-/// Writes the pending frame, then inline answers, as far as the socket takes them now.
-fn flush(out: &mut Output, queued: &mut VecDeque<Queued>) -> Result<(), WriteEnd> {
-    loop {
-        if !out.advance()? {
-            return Ok(());
-        }
-        let Some(next) = queued.pop_front() else {
-            return Ok(());
-        };
-        // Its permit is released here, once the answer is on its way.
-        out.start_token(next.id, &next.answer, WRITE_TIMEOUT);
-    }
-}
-
-/// Writes one connection-level error, best effort.
-async fn write_error(writer: &mut FrameWriter<OwnedWriteHalf>, err: BrokerError) {
-    let _ = tokio::time::timeout(
-        ERROR_WRITE_TIMEOUT,
-        writer.write_message(&ServerMessage::Error(err)),
-    )
-    .await;
-    let _ = writer.shutdown().await;
 }

@@ -2,16 +2,21 @@
 //! with non-blocking `try_write` from the connection's own task, so an answer
 //! that fits in the socket buffer costs one syscall and no task hop.
 
+use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kontext_broker_protocol::codec::{self, EncodedToken};
-use kontext_broker_protocol::{BrokerError, ResponseFrame, ServerMessage};
+use kontext_broker_protocol::{BrokerError, FrameWriter, ResponseFrame, ServerMessage};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::error;
 use zeroize::Zeroize;
+
+use super::WRITE_TIMEOUT;
 
 /// How a connection's writing ended.
 #[derive(Debug)]
@@ -150,4 +155,39 @@ impl Drop for Output {
     fn drop(&mut self) {
         self.frame.zeroize();
     }
+}
+
+/// A connection-level error is written best effort, then the connection closes.
+pub(super) const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A cached `GetToken` answer waiting for the socket (it is written at once
+/// when the socket is free).
+pub(super) struct Queued {
+    pub(super) id: u64,
+    pub(super) answer: Arc<EncodedToken>,
+    pub(super) _permit: OwnedSemaphorePermit,
+}
+
+/// Writes the pending frame, then inline answers, as far as the socket takes them now.
+pub(super) fn flush(out: &mut Output, queued: &mut VecDeque<Queued>) -> Result<(), WriteEnd> {
+    loop {
+        if !out.advance()? {
+            return Ok(());
+        }
+        let Some(next) = queued.pop_front() else {
+            return Ok(());
+        };
+        // Its permit is released here, once the answer is on its way.
+        out.start_token(next.id, &next.answer, WRITE_TIMEOUT);
+    }
+}
+
+/// Writes one connection-level error, best effort.
+pub(super) async fn write_error(writer: &mut FrameWriter<OwnedWriteHalf>, err: BrokerError) {
+    let _ = tokio::time::timeout(
+        ERROR_WRITE_TIMEOUT,
+        writer.write_message(&ServerMessage::Error(err)),
+    )
+    .await;
+    let _ = writer.shutdown().await;
 }
