@@ -23,7 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
 use super::page::{BrowserReply, Page};
-use super::{sanitize, LoginError};
+use super::LoginError;
+use kontext_broker::idp::sanitize::text as sanitize;
 
 /// Path of the redirect URI.
 pub const CALLBACK_PATH: &str = "/callback";

@@ -15,11 +15,11 @@ use openidconnect::{
     EndpointNotSet, EndpointState, RequestTokenError, Scope,
 };
 
+use super::code::with_client_auth;
 use super::token::{LoginClient, RawTokenResponse};
-use super::{
-    request_failure, sanitize, token_error, with_client_auth, LoginContext, LoginError, LoginUi,
-};
+use super::{request_failure, token_error, LoginContext, LoginError, LoginUi};
 use kontext_broker::idp::client_auth::{assertion, ASSERTION_TYPE};
+use kontext_broker::idp::sanitize::text as sanitize;
 use kontext_broker::idp::{ClientAuth, EndpointKind, Http, HttpError};
 
 /// Runs the device flow: asks for a code, shows it, and polls until the user

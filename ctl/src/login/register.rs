@@ -8,7 +8,8 @@ use kontext_broker_protocol::Secret;
 use openidconnect::AsyncHttpClient;
 use serde::Deserialize;
 
-use super::{sanitize, LoginError};
+use super::LoginError;
+use kontext_broker::idp::sanitize::text as sanitize;
 
 fn code(code: &str) -> String {
     kontext_broker::idp::sanitize::code(code, &kontext_broker::idp::sanitize::Secrets::none())

@@ -25,7 +25,8 @@ use serde_json::Value;
 
 use super::id_token_error::{IdTokenError, KeyRefresh};
 use super::jwks::{JwksCache, Refresh};
-use super::{sanitize, LoginError};
+use super::LoginError;
+use kontext_broker::idp::sanitize::text as sanitize;
 
 /// What an ID token must match.
 #[derive(Debug, Clone, Copy)]
