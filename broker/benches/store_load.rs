@@ -3,41 +3,27 @@
 
 use std::time::{Duration, Instant};
 
-use kontext_broker::store::{
-    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, PROFILE_FORMAT_VERSION,
-};
-use kontext_broker_protocol::Secret;
+use kontext_broker::store::{ProfileRecord, Store, StoreOptions, StoredAccessToken};
 
 fn record(i: usize) -> ProfileRecord {
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: format!("profile-{i:03}"),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: None,
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec!["openid".into(), "offline_access".into()],
-        audience: None,
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            revocation: Some("https://idp.example/revoke".into()),
-            ..Endpoints::default()
-        },
-        subject: Some("user@example".into()),
-        refresh_token: Some(Secret::new("r".repeat(600))),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: None,
-            token: Secret::new("a".repeat(1200)),
-            token_type: "Bearer".into(),
-            issued_at: 1,
-            expires_at: 2,
-            scopes: vec!["openid".into()],
-        }),
-        generation: i as u64,
-    }
+    ProfileRecord::builder(
+        format!("profile-{i:03}"),
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .scopes(["openid", "offline_access"])
+    .revocation("https://idp.example/revoke")
+    .subject("user@example")
+    .refresh_token("r".repeat(600))
+    .access_token(StoredAccessToken::bearer(
+        "a".repeat(1200),
+        1,
+        2,
+        ["openid"],
+    ))
+    .generation(i as u64)
+    .build()
 }
 
 fn main() {

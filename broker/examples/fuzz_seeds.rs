@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use kontext_broker::store::{Endpoints, ProfileRecord, StoredAccessToken, PROFILE_FORMAT_VERSION};
+use kontext_broker::store::{ProfileRecord, StoredAccessToken};
 use kontext_broker_protocol::codec::{encode, encode_frame};
 use kontext_broker_protocol::{
     ClientAuthMethod, ClientCredential, ClientMessage, EndpointOverrides, Hello, ImportRequest,
@@ -140,35 +140,26 @@ fn frames() {
 
 /// A whole record, named `fuzzed` as the profile-file harness loads it.
 fn record() -> ProfileRecord {
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: "fuzzed".into(),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: Some(Secret::from("client-secret")),
-        client_key: None,
-        client_auth: Some(ClientAuthMethod::ClientSecretPost),
-        client_auth_detected: Some(ClientAuthMethod::ClientSecretBasic),
-        client_rejected: None,
-        scopes: vec!["openid".into(), "offline_access".into()],
-        audience: Some("https://api.example".into()),
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            revocation: Some("https://idp.example/revoke".into()),
-            ..Endpoints::default()
-        },
-        subject: Some("alice@example.com".into()),
-        refresh_token: Some(Secret::from("rt-0")),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: Some(LifetimeSource::ExpiresIn),
-            token: Secret::from("at-0"),
-            token_type: "Bearer".into(),
-            issued_at: 1_800_000_000,
-            expires_at: 1_800_003_600,
-            scopes: vec!["openid".into()],
-        }),
-        generation: 7,
-    }
+    ProfileRecord::builder(
+        "fuzzed",
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .client_secret("client-secret")
+    .client_auth(ClientAuthMethod::ClientSecretPost)
+    .client_auth_detected(ClientAuthMethod::ClientSecretBasic)
+    .scopes(["openid", "offline_access"])
+    .audience("https://api.example")
+    .revocation("https://idp.example/revoke")
+    .subject("alice@example.com")
+    .refresh_token("rt-0")
+    .access_token(StoredAccessToken {
+        lifetime_source: Some(LifetimeSource::ExpiresIn),
+        ..StoredAccessToken::bearer("at-0", 1_800_000_000, 1_800_003_600, ["openid"])
+    })
+    .generation(7)
+    .build()
 }
 
 fn profiles() {

@@ -10,10 +10,8 @@ use kontext_broker::config::Config;
 use kontext_broker::engine::{RefreshError, Refreshed, TokenEndpoint};
 use kontext_broker::idp::Idp;
 use kontext_broker::service::{Service, ServiceInfo};
-use kontext_broker::store::{
-    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, PROFILE_FORMAT_VERSION,
-};
-use kontext_broker_protocol::{BrokerError, Request, Secret};
+use kontext_broker::store::{ProfileRecord, Store, StoreOptions, StoredAccessToken};
+use kontext_broker_protocol::{BrokerError, Request};
 
 struct NeverCalled;
 
@@ -24,34 +22,21 @@ impl TokenEndpoint for NeverCalled {
 }
 
 fn record(name: &str) -> ProfileRecord {
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: name.into(),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: None,
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec![],
-        audience: None,
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            ..Endpoints::default()
-        },
-        subject: None,
-        refresh_token: Some(Secret::from("rt")),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: None,
-            token: Secret::from("at"),
-            token_type: "Bearer".into(),
-            issued_at: u64::MAX / 4,
-            expires_at: u64::MAX / 4 + 3600,
-            scopes: vec![],
-        }),
-        generation: 1,
-    }
+    ProfileRecord::builder(
+        name,
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .refresh_token("rt")
+    .access_token(StoredAccessToken::bearer(
+        "at",
+        u64::MAX / 4,
+        u64::MAX / 4 + 3600,
+        Vec::<String>::new(),
+    ))
+    .generation(1)
+    .build()
 }
 
 #[tokio::test]

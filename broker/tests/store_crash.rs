@@ -10,9 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kontext_broker::store::{
-    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, PROFILE_FORMAT_VERSION,
-};
+use kontext_broker::store::{ProfileRecord, Store, StoreOptions, StoredAccessToken};
 use kontext_broker_protocol::Secret;
 use rand::Rng;
 
@@ -34,27 +32,14 @@ fn rotate(record: &mut ProfileRecord, generation: u64) {
 }
 
 fn initial() -> ProfileRecord {
-    let mut r = ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: PROFILE.into(),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: None,
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec!["openid".into()],
-        audience: None,
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            ..Endpoints::default()
-        },
-        subject: None,
-        refresh_token: None,
-        access_token: None,
-        generation: 0,
-    };
+    let mut r = ProfileRecord::builder(
+        PROFILE,
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .scopes(["openid"])
+    .build();
     rotate(&mut r, 0);
     r
 }

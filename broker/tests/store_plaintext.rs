@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
 use kontext_broker::config::IdentityKind;
-use kontext_broker::store::{
-    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, PROFILE_FORMAT_VERSION,
-};
+use kontext_broker::store::{ProfileRecord, Store, StoreOptions, StoredAccessToken};
 use kontext_broker_protocol::Secret;
 use rand::distr::{Alphanumeric, SampleString};
 
@@ -17,34 +15,18 @@ fn marker() -> String {
 }
 
 fn record(rt: &str, at: &str, secret: &str, generation: u64) -> ProfileRecord {
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: "default".into(),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: Some(Secret::from(secret)),
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec!["openid".into()],
-        audience: None,
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            ..Endpoints::default()
-        },
-        subject: None,
-        refresh_token: Some(Secret::from(rt)),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: None,
-            token: Secret::from(at),
-            token_type: "Bearer".into(),
-            issued_at: 1,
-            expires_at: 2,
-            scopes: vec![],
-        }),
-        generation,
-    }
+    ProfileRecord::builder(
+        "default",
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .client_secret(secret)
+    .scopes(["openid"])
+    .refresh_token(rt)
+    .access_token(StoredAccessToken::bearer(at, 1, 2, Vec::<String>::new()))
+    .generation(generation)
+    .build()
 }
 
 /// Every way the marker could appear: raw, hex (both cases), and base64 in

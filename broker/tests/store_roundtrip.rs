@@ -8,42 +8,32 @@ use std::time::Duration;
 
 use kontext_broker::config::IdentityKind;
 use kontext_broker::store::{
-    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, UnlockThrottle,
-    PROFILE_FORMAT_VERSION,
+    ProfileRecord, Store, StoreOptions, StoredAccessToken, UnlockThrottle,
 };
 use kontext_broker::Error;
 use kontext_broker_protocol::Secret;
 
 fn record(name: &str, generation: u64) -> ProfileRecord {
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: name.into(),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: Some(Secret::from("client-secret")),
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec!["openid".into(), "offline_access".into()],
-        audience: Some("api".into()),
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            revocation: Some("https://idp.example/revoke".into()),
-            ..Endpoints::default()
-        },
-        subject: Some("alice@example".into()),
-        refresh_token: Some(Secret::new(format!("rt-{generation}"))),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: None,
-            token: Secret::new(format!("at-{generation}")),
-            token_type: "Bearer".into(),
-            issued_at: 1_700_000_000,
-            expires_at: 1_700_003_600,
-            scopes: vec!["openid".into()],
-        }),
-        generation,
-    }
+    ProfileRecord::builder(
+        name,
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .client_secret("client-secret")
+    .scopes(["openid", "offline_access"])
+    .audience("api")
+    .revocation("https://idp.example/revoke")
+    .subject("alice@example")
+    .refresh_token(format!("rt-{generation}"))
+    .access_token(StoredAccessToken::bearer(
+        format!("at-{generation}"),
+        1_700_000_000,
+        1_700_003_600,
+        ["openid"],
+    ))
+    .generation(generation)
+    .build()
 }
 
 /// A state dir path inside a fresh temp dir (which itself may be 0755).

@@ -5,9 +5,7 @@
 use std::time::{Duration, Instant};
 
 use kontext_broker::config::IdentityKind;
-use kontext_broker::store::{
-    Endpoints, ProfileRecord, Store, StoreOptions, StoredAccessToken, PROFILE_FORMAT_VERSION,
-};
+use kontext_broker::store::{ProfileRecord, Store, StoreOptions, StoredAccessToken};
 use kontext_broker_client::{ImportRequest, Secret};
 use kontext_broker_protocol::ClientCredential;
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess, RawClient};
@@ -207,34 +205,25 @@ async fn status_lists_four_hundred_profiles_with_long_names() {
             let name = format!("{n:03}-{}", "p".repeat(60));
             assert_eq!(name.len(), 64);
             store
-                .save(&ProfileRecord {
-                    format_version: PROFILE_FORMAT_VERSION,
-                    name,
-                    issuer: issuer.clone(),
-                    client_id: "c".repeat(256),
-                    client_secret: None,
-                    client_key: None,
-                    client_auth: None,
-                    client_auth_detected: None,
-                    client_rejected: None,
-                    scopes: vec!["openid".into()],
-                    audience: None,
-                    endpoints: Endpoints {
-                        token: "http://127.0.0.1:9/token".into(),
-                        ..Endpoints::default()
-                    },
-                    subject: Some("s".repeat(200)),
-                    refresh_token: Some(Secret::from("rt")),
-                    access_token: Some(StoredAccessToken {
-                        token: Secret::from("at"),
-                        token_type: "Bearer".into(),
-                        issued_at: 4_000_000_000,
-                        expires_at: 4_000_003_600,
-                        scopes: vec!["openid".into()],
-                        lifetime_source: None,
-                    }),
-                    generation: 1,
-                })
+                .save(
+                    &ProfileRecord::builder(
+                        name,
+                        issuer.clone(),
+                        "c".repeat(256),
+                        "http://127.0.0.1:9/token",
+                    )
+                    .scopes(["openid"])
+                    .subject("s".repeat(200))
+                    .refresh_token("rt")
+                    .access_token(StoredAccessToken::bearer(
+                        "at",
+                        4_000_000_000,
+                        4_000_003_600,
+                        ["openid"],
+                    ))
+                    .generation(1)
+                    .build(),
+                )
                 .unwrap();
         }
     }

@@ -12,6 +12,7 @@
 //! All methods block (file I/O, and scrypt in [`Store::unlock`]); async callers
 //! use [`Store::run_blocking`], or [`UnlockThrottle::unlock`] for unlocking.
 
+mod builder;
 mod crypto;
 mod fsutil;
 mod identity;
@@ -28,6 +29,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::Secret;
 
+pub use builder::ProfileRecordBuilder;
 pub use identity::{ENCRYPTED_IDENTITY_FILE, IDENTITY_FILE, RECIPIENT_FILE};
 pub use record::*;
 pub use throttle::UnlockThrottle;
