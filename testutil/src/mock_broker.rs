@@ -55,9 +55,15 @@ struct Shared {
 
 /// What a connection writes next, in order.
 enum Out {
-    Message(ServerMessage),
+    Message(Box<ServerMessage>),
     /// Close the connection after everything queued before it.
     Close,
+}
+
+impl Out {
+    fn message(m: ServerMessage) -> Out {
+        Out::Message(Box::new(m))
+    }
 }
 
 /// A running mock broker; dropping it stops the listener and every connection.
@@ -160,7 +166,7 @@ impl Mock {
         for (tx, id, profile) in ws.iter() {
             if profile == event.profile()
                 && tx
-                    .send(Out::Message(ServerMessage::Event {
+                    .send(Out::message(ServerMessage::Event {
                         id: *id,
                         event: event.clone(),
                     }))
@@ -256,7 +262,7 @@ async fn serve(
         };
         shared.requests.lock().unwrap().push(frame.request.clone());
         if let Request::Watch { profile } = &frame.request {
-            let _ = tx.send(Out::Message(ServerMessage::Response(ResponseFrame {
+            let _ = tx.send(Out::message(ServerMessage::Response(ResponseFrame {
                 id: frame.id,
                 result: Ok(Response::Watching),
             })));
@@ -267,7 +273,7 @@ async fn serve(
                 .iter()
                 .filter(|e| e.profile() == profile)
             {
-                let _ = tx.send(Out::Message(ServerMessage::Event {
+                let _ = tx.send(Out::message(ServerMessage::Event {
                     id: frame.id,
                     event: ev.clone(),
                 }));
@@ -288,13 +294,13 @@ async fn serve(
         handlers.spawn(async move {
             match fut.await {
                 Action::Reply(result) => {
-                    let _ = tx.send(Out::Message(ServerMessage::Response(ResponseFrame {
+                    let _ = tx.send(Out::message(ServerMessage::Response(ResponseFrame {
                         id: frame.id,
                         result,
                     })));
                 }
                 Action::ReplyThen(result, done) => {
-                    let _ = tx.send(Out::Message(ServerMessage::Response(ResponseFrame {
+                    let _ = tx.send(Out::message(ServerMessage::Response(ResponseFrame {
                         id: frame.id,
                         result,
                     })));
