@@ -15,6 +15,7 @@
 mod crypto;
 mod fsutil;
 mod identity;
+mod persist;
 mod record;
 mod throttle;
 
@@ -29,6 +30,7 @@ use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::Secret;
 
 pub use identity::{ENCRYPTED_IDENTITY_FILE, IDENTITY_FILE, RECIPIENT_FILE};
+pub use persist::blocking;
 pub use record::*;
 pub use throttle::UnlockThrottle;
 
