@@ -6,6 +6,7 @@
 //!   no token serves, a client invalidating the current generation, a forced
 //!   refresh, a new client credential, the proactive deadline, a write retry).
 //! - `actor.rs`: the transitions; jobs start only in `Core::begin`.
+//!   `state.rs`: what the actor owns besides its phase, and how it starts.
 //! - `phase.rs`: the states, one [`phase::Phase`] enum whose variants own their data.
 //! - `job.rs`: the job runner, the only caller of [`TokenEndpoint::refresh`]
 //!   and the engine's writes through [`Persist`].
@@ -38,6 +39,7 @@ pub mod lifetime;
 mod phase;
 pub mod policy;
 mod publish;
+mod state;
 mod trigger;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +58,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::ProfileRecord;
 
-pub use actor::{create, spawn};
+pub use state::{create, spawn};
 
 /// Tuning of the engines, from [`Config`].
 #[derive(Debug, Clone)]

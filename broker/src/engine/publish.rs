@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kontext_broker_protocol::codec::EncodedToken;
 use kontext_broker_protocol::{ProfileState, ProfileStatus, WatchEvent};
 
-use super::actor::Core;
+use super::state::Core;
 use super::phase::Phase;
 use super::{policy, PhaseKind, Snapshot};
 
