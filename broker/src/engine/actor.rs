@@ -261,23 +261,20 @@ impl Core {
     /// and tries a rejected client once more.
     fn on_refresh(&mut self, phase: Phase, reply: Reply) -> Next {
         let mut phase = phase.settle(self.now());
-        let trigger = match &mut phase {
-            Phase::Dead { .. } => {
-                let _ = reply.send(Err(self.reauth_error()));
-                return (phase, None);
-            }
-            Phase::Refreshing { waiters }
-            | Phase::Unsaved {
-                save: Save::Running(waiters),
-            } => {
-                waiters.forced.push(reply);
-                return (phase, None);
-            }
+        let Err(reply) = phase.join_forced(reply) else {
+            return (phase, None);
+        };
+        let trigger = match &phase {
+            Phase::Ready | Phase::Backoff { .. } | Phase::ClientRejected => Trigger::Forced,
             // The newest refresh token is not on disk: save it, never call the IdP.
             Phase::Unsaved {
                 save: Save::RetryAt(_),
             } => Trigger::SaveRetry,
-            Phase::Ready | Phase::Backoff { .. } | Phase::ClientRejected => Trigger::Forced,
+            // A dead grant (a running refresh or save took the caller above).
+            Phase::Dead { .. } | Phase::Refreshing { .. } | Phase::Unsaved { .. } => {
+                let _ = reply.send(Err(self.reauth_error()));
+                return (phase, None);
+            }
         };
         self.begin(trigger, Waiters::forced(reply))
     }

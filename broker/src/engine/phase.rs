@@ -152,6 +152,21 @@ impl Phase {
         )
     }
 
+    /// Adds a forced caller to the running refresh or save; hands the caller
+    /// back when no such job runs.
+    pub fn join_forced(&mut self, reply: Reply) -> Result<(), Reply> {
+        match self {
+            Phase::Refreshing { waiters }
+            | Phase::Unsaved {
+                save: Save::Running(waiters),
+            } => {
+                waiters.forced.push(reply);
+                Ok(())
+            }
+            _ => Err(reply),
+        }
+    }
+
     /// Ends the phase, handing over the callers waiting on its job.
     pub fn into_waiters(self) -> Waiters {
         match self {

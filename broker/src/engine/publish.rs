@@ -8,8 +8,8 @@ use std::sync::Arc;
 use kontext_broker_protocol::codec::EncodedToken;
 use kontext_broker_protocol::{ProfileState, ProfileStatus, WatchEvent};
 
-use super::state::Core;
 use super::phase::Phase;
+use super::state::Core;
 use super::{policy, PhaseKind, Snapshot};
 
 /// Refresh counters shown in `status`.

@@ -176,7 +176,11 @@ impl Core {
     }
 
     /// The current token if it is unexpired, else `otherwise`.
-    pub(super) fn unexpired_or(&self, phase: &Phase, otherwise: BrokerError) -> Result<Token, BrokerError> {
+    pub(super) fn unexpired_or(
+        &self,
+        phase: &Phase,
+        otherwise: BrokerError,
+    ) -> Result<Token, BrokerError> {
         let now = self.now();
         self.serveable(phase)
             .filter(|t| policy::unexpired(t, now))
