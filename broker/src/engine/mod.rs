@@ -7,7 +7,7 @@
 //!   refresh, a new client credential, the proactive deadline, a write retry).
 //! - `actor.rs`: the transitions; jobs start only in `Core::begin`.
 //!   `state.rs`: what the actor owns besides its phase, and how it starts.
-//! - `phase.rs`: the states, one [`phase::Phase`] enum whose variants own their data.
+//! - `phase.rs`: the states, one `Phase` enum whose variants own their data.
 //! - `job.rs`: the job runner, the only caller of [`TokenEndpoint::refresh`]
 //!   and the engine's writes through [`Persist`].
 //! - `publish.rs`: the [`Snapshot`] and watch events derived from the phase.
@@ -178,13 +178,18 @@ pub struct Snapshot {
     pub client_rejected: Option<String>,
 }
 
-/// The public face of [`phase::Phase`], without its data.
+/// The coarse kind of the engine's `Phase` (`phase.rs`), derived from it alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhaseKind {
+    /// `Ready`: no job; the token decides between valid and expired.
     Idle,
+    /// A refresh or a save retry runs.
     Busy,
+    /// A backoff, or an unsaved record waiting for its save retry, until `until_ms`.
     Backoff { until_ms: u64 },
+    /// `Dead`: the grant is gone.
     ReauthRequired,
+    /// The IdP rejects the client; the grant is kept.
     ClientRejected,
 }
 

@@ -109,16 +109,24 @@ pub(super) struct Core {
     /// When the last token-endpoint call started (or will start), ms; the next
     /// one starts at least [`policy::MIN_CALL_GAP_MS`] later.
     pub last_call_ms: Option<u64>,
+    /// Delays after transient failures and failed writes; reset by success.
     pub backoff: Backoff,
+    /// Refresh counters shown in `status`.
     pub counters: Counters,
+    /// Clock, token endpoint, storage and tuning.
     pub deps: EngineDeps,
+    /// The profile's watcher channel (outlives the engine).
     pub events: broadcast::Sender<WatchEvent>,
+    /// Where [`Core::publish`] puts what readers see.
     pub snapshot: watch::Sender<Snapshot>,
+    /// When the fast path or the actor last served a token (ms), for "in use".
     pub last_served_ms: Arc<AtomicU64>,
+    /// What watchers were last told.
     pub published: Published,
 }
 
 impl Core {
+    /// The clock's wall time, ms.
     pub(super) fn now(&self) -> u64 {
         self.deps.clock.now_ms()
     }
@@ -132,6 +140,7 @@ impl Core {
         self.record.token()
     }
 
+    /// What callers get once the grant is dead.
     pub(super) fn reauth_error(&self) -> BrokerError {
         BrokerError::ReauthRequired {
             profile: self.record.name.clone(),
@@ -147,6 +156,7 @@ impl Core {
         }
     }
 
+    /// Who rejected which client, and the command that fixes it.
     pub(super) fn client_rejected_message(&self) -> String {
         let r = &self.record;
         let why = r.client_rejected.as_deref().unwrap_or("invalid_client");
@@ -163,6 +173,7 @@ impl Core {
         )
     }
 
+    /// What callers get while no token can be had before `until_ms`.
     pub(super) fn unavailable(&self, until_ms: u64) -> BrokerError {
         let wait_ms = until_ms.saturating_sub(self.now());
         BrokerError::IdpUnavailable {
@@ -205,6 +216,7 @@ impl Core {
         last > 0 && last + lifetime > now
     }
 
+    /// When the current token is due for a proactive refresh (wall ms).
     pub(super) fn refresh_due_ms(&self) -> Option<u64> {
         let cfg = &self.deps.config;
         self.record.token().map(|t| {
@@ -218,6 +230,7 @@ impl Core {
         })
     }
 
+    /// How long the actor may sleep before its next turn in `phase`.
     pub(super) fn next_wake_in(&self, phase: &Phase) -> Duration {
         let now = self.now();
         let target = match phase {
