@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::apply;
-use super::{EngineDeps, RefreshError};
+use super::{EngineDeps, Persist, RefreshError};
 use crate::store::ProfileRecord;
 
 /// Work done off the actor.
@@ -144,14 +144,24 @@ async fn refresh(record: ProfileRecord, deps: EngineDeps, started_ms: u64) -> Jo
     }
 }
 
-/// Saves `record` through the engine's [`super::Persist`], off the runtime.
+/// Saves `record` through the engine's [`Persist`], off the runtime.
 pub(super) async fn save(deps: &EngineDeps, record: ProfileRecord) -> crate::Result<()> {
-    let persist = deps.persist.clone();
-    crate::store::blocking("saving the profile", move || persist.save(&record)).await
+    off_runtime(deps, "saving the profile", move |p| p.save(&record)).await
 }
 
-/// Deletes the profile's file through the engine's [`super::Persist`], off the runtime.
+/// Deletes the profile's file through the engine's [`Persist`], off the runtime.
 pub(super) async fn delete(deps: &EngineDeps, name: String) -> crate::Result<()> {
+    off_runtime(deps, "deleting the profile", move |p| p.delete(&name)).await
+}
+
+/// Runs blocking storage work on tokio's blocking pool; `what` names it if that task dies.
+async fn off_runtime(
+    deps: &EngineDeps,
+    what: &str,
+    work: impl FnOnce(&dyn Persist) -> crate::Result<()> + Send + 'static,
+) -> crate::Result<()> {
     let persist = deps.persist.clone();
-    crate::store::blocking("deleting the profile", move || persist.delete(&name)).await
+    tokio::task::spawn_blocking(move || work(&*persist))
+        .await
+        .map_err(|e| crate::Error::io(what, std::io::Error::other(e)))?
 }

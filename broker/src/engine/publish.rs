@@ -116,21 +116,7 @@ pub(super) fn placeholder_snapshot() -> Snapshot {
         wire: None,
         phase: PhaseKind::Idle,
         refresh_due_ms: None,
-        status: ProfileStatus {
-            name: String::new(),
-            issuer: String::new(),
-            client_id: String::new(),
-            subject: None,
-            state: ProfileState::Expired,
-            access_token_expires_at: None,
-            generation: 0,
-            refresh_count: 0,
-            refresh_failures: 0,
-            last_refresh_at: None,
-            next_refresh_at: None,
-            last_error: None,
-            lifetime_source: None,
-        },
+        status: ProfileStatus::bare("", ProfileState::Expired, None),
         client_rejected: None,
     }
 }

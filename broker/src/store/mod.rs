@@ -30,7 +30,6 @@ use kontext_broker_protocol::paths::is_valid_profile_name;
 use kontext_broker_protocol::Secret;
 
 pub use identity::{ENCRYPTED_IDENTITY_FILE, IDENTITY_FILE, RECIPIENT_FILE};
-pub use persist::blocking;
 pub use record::*;
 pub use throttle::UnlockThrottle;
 
