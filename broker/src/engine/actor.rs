@@ -70,7 +70,9 @@ impl Actor {
                     Some(Command::Nudge) => self.step(|p, core| core.on_wake(p)),
                     Some(Command::Stop { reply }) => {
                         self.wait_for_job(&mut done_rx).await;
-                        self.last_save_before_stop().await;
+                        if !self.phase.on_disk() {
+                            job::last_save(&self.core.deps, self.core.record.clone()).await;
+                        }
                         let _ = reply.send(self.core.record.clone());
                         break;
                     }
@@ -135,22 +137,6 @@ impl Actor {
             if let Some(result) = done_rx.recv().await {
                 self.finish(result);
             }
-        }
-    }
-
-    /// A record that exists only in memory may hold the only valid refresh
-    /// token (or a dead one the disk still has): one last try to save it
-    /// before the engine goes away.
-    async fn last_save_before_stop(&mut self) {
-        if self.phase.on_disk() {
-            return;
-        }
-        if let Err(e) = job::save(&self.core.deps, self.core.record.clone()).await {
-            tracing::error!(
-                profile = %self.core.record.name,
-                error = %e,
-                "stopping with an unsaved record; a new login may be needed"
-            );
         }
     }
 

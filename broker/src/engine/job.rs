@@ -149,6 +149,20 @@ pub(super) async fn save(deps: &EngineDeps, record: ProfileRecord) -> crate::Res
     off_runtime(deps, "saving the profile", move |p| p.save(&record)).await
 }
 
+/// A record that exists only in memory may hold the only valid refresh
+/// token (or a dead one the disk still has): one last try to save it before
+/// the engine goes away.
+pub(super) async fn last_save(deps: &EngineDeps, record: ProfileRecord) {
+    let name = record.name.clone();
+    if let Err(e) = save(deps, record).await {
+        tracing::error!(
+            profile = %name,
+            error = %e,
+            "stopping with an unsaved record; a new login may be needed"
+        );
+    }
+}
+
 /// Deletes the profile's file through the engine's [`Persist`], off the runtime.
 pub(super) async fn delete(deps: &EngineDeps, name: String) -> crate::Result<()> {
     off_runtime(deps, "deleting the profile", move |p| p.delete(&name)).await
