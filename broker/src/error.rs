@@ -61,6 +61,9 @@ pub enum Error {
     /// No profile of that name exists.
     #[error("unknown profile `{0}`")]
     UnknownProfile(String),
+    /// The profile's engine stopped while a request waited on it.
+    #[error("the engine of profile `{0}` stopped (shutdown, logout, lock or re-login); retry")]
+    EngineStopped(String),
     /// A file in the state directory is not a regular file, or is larger than
     /// a broker file may be; it was not read.
     #[error("refusing to read {}: {problem}; move it out of the state directory", path.display())]

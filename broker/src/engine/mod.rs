@@ -1,18 +1,30 @@
 //! The token engine: one actor task per profile, the only code that calls that
 //! profile's token endpoint (contract §5).
 //!
+//! Where a refresh happens, and what triggers it:
+//! - `trigger.rs`: the complete table of reasons a job starts (a request that
+//!   no token serves, a client invalidating the current generation, a forced
+//!   refresh, a new client credential, the proactive deadline, a write retry).
+//! - `actor.rs`: the transitions; jobs start only in `Core::begin`.
+//!   `state.rs`: what the actor owns besides its phase, and how it starts.
+//! - `phase.rs`: the states, one `Phase` enum whose variants own their data.
+//! - `job.rs`: the job runner, the only caller of [`TokenEndpoint::refresh`]
+//!   and the engine's writes through [`Persist`].
+//! - `publish.rs`: the [`Snapshot`] and watch events derived from the phase.
+//! - `apply.rs`: how a job's outcome changes the record. `policy.rs`: pure timing rules.
+//!
 //! Invariants:
-//! - At most one job (a token-endpoint call or a persist retry) runs per profile;
-//!   it exists exactly while the phase is [`Phase::Busy`]. Every caller that needs
-//!   its result waits on it (single-flight).
+//! - At most one job (a token-endpoint call or a write retry) runs per profile,
+//!   exactly while the phase says so (`Refreshing`, or a running save or
+//!   delete). Every caller that needs its result waits on it (single-flight).
 //! - All writes of a profile's file happen inside that profile's jobs or the actor
 //!   itself (its first save in [`create`], its delete in [`EngineHandle::remove`]),
 //!   so they are serialized; a replacement (import/login) waits for the running
 //!   job to finish first.
 //! - A rotated refresh token is saved before the new access token is served: a
-//!   token whose record is not durable is never handed out.
-//! - After the IdP rejects the grant the phase is [`Phase::ReauthRequired`] and no
-//!   job is ever started again until the record is replaced.
+//!   token whose record is not durable (`Unsaved`) is never handed out.
+//! - After the IdP rejects the grant the phase is `Dead` and no refresh
+//!   starts again until the record is replaced.
 //! - After the IdP rejects the client (not the grant) the phase is
 //!   `ClientRejected`: the refresh token stays on disk, and only a new client
 //!   credential, a replacement or a forced refresh calls the IdP again.
@@ -21,8 +33,14 @@
 //! does not touch the actor while the cached token is good enough.
 
 mod actor;
+mod apply;
+mod job;
 pub mod lifetime;
+mod phase;
 pub mod policy;
+mod publish;
+mod state;
+mod trigger;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +58,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::ProfileRecord;
 
-pub use actor::{create, spawn};
+pub use state::{create, spawn};
 
 /// Tuning of the engines, from [`Config`].
 #[derive(Debug, Clone)]
@@ -125,21 +143,13 @@ pub trait TokenEndpoint: Send + Sync + 'static {
         -> BoxFuture<'static, Result<Refreshed, RefreshError>>;
 }
 
-/// Durable storage of profile records. The real one is [`crate::store::Store`].
+/// Durable storage of profile records. The real one is [`crate::store::Store`]
+/// (its adapter is in `store/persist.rs`).
 pub trait Persist: Send + Sync + 'static {
     /// Atomically replaces the record's file. Blocking; engines call it off the runtime.
     fn save(&self, record: &ProfileRecord) -> crate::Result<()>;
     /// Deletes the profile's file (durably). Blocking, like `save`.
     fn delete(&self, name: &str) -> crate::Result<()>;
-}
-
-impl Persist for crate::store::Store {
-    fn save(&self, record: &ProfileRecord) -> crate::Result<()> {
-        crate::store::Store::save(self, record)
-    }
-    fn delete(&self, name: &str) -> crate::Result<()> {
-        crate::store::Store::delete(self, name)
-    }
 }
 
 /// What an engine needs from the outside world.
@@ -168,13 +178,18 @@ pub struct Snapshot {
     pub client_rejected: Option<String>,
 }
 
-/// The public face of [`actor::Phase`], without waiters.
+/// The coarse kind of the engine's `Phase` (`phase.rs`), derived from it alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhaseKind {
+    /// `Ready`: no job; the token decides between valid and expired.
     Idle,
+    /// A refresh or a save retry runs.
     Busy,
+    /// A backoff, or an unsaved record waiting for its save retry, until `until_ms`.
     Backoff { until_ms: u64 },
+    /// `Dead`: the grant is gone.
     ReauthRequired,
+    /// The IdP rejects the client; the grant is kept.
     ClientRejected,
 }
 
@@ -344,14 +359,12 @@ impl EngineHandle {
     /// running job, if any), then stops and returns the last record so its
     /// grant can be revoked. If the delete fails the engine keeps serving.
     pub async fn remove(&self) -> crate::Result<ProfileRecord> {
-        let gone =
-            || crate::Error::Invalid(format!("the engine of profile `{}` has stopped", self.name));
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Remove { reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| self.gone_internal())?;
+        rx.await.map_err(|_| self.gone_internal())?
     }
 
     /// The profile's status at the current time.
@@ -424,14 +437,14 @@ impl EngineHandle {
         result
     }
 
+    /// What a caller hears when the actor is gone: the engine stopped under
+    /// the request (shutdown, logout, lock or re-login), said as such.
     fn gone(&self) -> BrokerError {
-        BrokerError::UnknownProfile {
-            profile: self.name.to_string(),
-        }
+        self.gone_internal().to_wire()
     }
 
     fn gone_internal(&self) -> crate::Error {
-        crate::Error::UnknownProfile(self.name.to_string())
+        crate::Error::EngineStopped(self.name.to_string())
     }
 }
 

@@ -853,6 +853,7 @@ async fn a_failed_delete_of_the_dead_refresh_token_is_retried_and_reauth_stays()
     assert_eq!(rig.idp.calls(), 1);
 }
 
+mod phases;
 mod storm;
 
 #[tokio::test]

@@ -16,6 +16,7 @@ mod builder;
 mod crypto;
 mod fsutil;
 mod identity;
+mod persist;
 mod record;
 mod throttle;
 
