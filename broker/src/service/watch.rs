@@ -21,23 +21,22 @@ impl Service {
             let rx = slot.events.subscribe();
             (current_events(profile, &slot.entry), rx)
         };
-        let service = self.clone();
-        let name = profile.to_owned();
-        let live = stream::unfold(Some(rx), move |rx| {
-            let service = service.clone();
-            let name = name.clone();
-            async move {
-                let mut rx = rx?;
-                match rx.recv().await {
-                    Ok(event) => Some((vec![event], Some(rx))),
+        let live = stream::unfold(
+            Some((rx, self.clone(), profile.to_owned())),
+            |state| async move {
+                let (mut rx, service, name) = state?;
+                let events = match rx.recv().await {
+                    Ok(event) => match coalesce(event, &mut rx) {
+                        Some(events) => events,
+                        None => service.events_now(&name),
+                    },
                     // Too slow for the backlog: send where things stand now.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        Some((service.events_now(&name), Some(rx)))
-                    }
-                    Err(broadcast::error::RecvError::Closed) => None,
-                }
-            }
-        })
+                    Err(broadcast::error::RecvError::Lagged(_)) => service.events_now(&name),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                Some((events, Some((rx, service, name))))
+            },
+        )
         .flat_map(stream::iter);
         Ok(stream::iter(initial).chain(live).boxed())
     }
@@ -50,6 +49,51 @@ impl Service {
             .map(|slot| current_events(profile, &slot.entry))
             .unwrap_or_default()
     }
+}
+
+/// `first` and the events already queued behind it, without those a later
+/// one supersedes: a `State` is superseded by any later event, a `Token` by a
+/// later `Token`. A watcher that falls behind (thousands of watchers woken by
+/// one refresh) is sent where things stand, not every step on the way
+/// (protocol/WIRE.md §8). `None` when the backlog overflowed meanwhile.
+fn coalesce(
+    first: WatchEvent,
+    rx: &mut broadcast::Receiver<WatchEvent>,
+) -> Option<Vec<WatchEvent>> {
+    let mut events = vec![first];
+    loop {
+        match rx.try_recv() {
+            Ok(next) => events.push(next),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => return None,
+            Err(_) => break,
+        }
+    }
+    Some(supersede(events))
+}
+
+/// `events` (oldest first) without the superseded ones; see [`coalesce`].
+fn supersede(events: Vec<WatchEvent>) -> Vec<WatchEvent> {
+    if events.len() == 1 {
+        return events;
+    }
+    let mut kept: Vec<WatchEvent> = Vec::with_capacity(events.len());
+    // Walk from the newest: an event survives unless something newer supersedes it.
+    let mut newer_any = false;
+    let mut newer_token = false;
+    for event in events.into_iter().rev() {
+        let superseded = match event {
+            WatchEvent::State { .. } => newer_any,
+            WatchEvent::Token { .. } => newer_token,
+            _ => false,
+        };
+        newer_any = true;
+        newer_token |= matches!(event, WatchEvent::Token { .. });
+        if !superseded {
+            kept.push(event);
+        }
+    }
+    kept.reverse();
+    kept
 }
 
 /// What a new (or lagging) watcher of `profile` is told first.
@@ -70,4 +114,79 @@ fn current_events(profile: &str, entry: &Entry) -> Vec<WatchEvent> {
         generation: 0,
         expires_at: None,
     }]
+}
+
+#[cfg(test)]
+mod tests {
+    use kontext_broker_protocol::{Secret, Token};
+
+    use super::*;
+
+    fn token(generation: u64) -> WatchEvent {
+        WatchEvent::Token {
+            profile: "p".into(),
+            token: Token {
+                access_token: Secret::new(format!("at-{generation}")),
+                token_type: "Bearer".into(),
+                expires_at: 4_000_000_000,
+                issued_at: 3_999_999_000,
+                scopes: vec![],
+                generation,
+            },
+        }
+    }
+
+    fn state(state: ProfileState) -> WatchEvent {
+        WatchEvent::State {
+            profile: "p".into(),
+            state,
+            generation: 1,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_state_is_superseded_by_any_later_event_and_a_token_by_a_later_token() {
+        let removed = WatchEvent::Removed {
+            profile: "p".into(),
+        };
+        let kept = supersede(vec![
+            state(ProfileState::Refreshing),
+            token(2),
+            state(ProfileState::Refreshing),
+            token(3),
+            removed.clone(),
+            state(ProfileState::Expired),
+        ]);
+        assert_eq!(kept, vec![token(3), removed, state(ProfileState::Expired)]);
+    }
+
+    #[test]
+    fn a_lone_event_and_sticky_events_are_never_dropped() {
+        assert_eq!(supersede(vec![token(2)]), vec![token(2)]);
+        let reauth = WatchEvent::ReauthRequired {
+            profile: "p".into(),
+            message: "log in".into(),
+        };
+        assert_eq!(
+            supersede(vec![reauth.clone(), token(2)]),
+            vec![reauth, token(2)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watcher_behind_gets_the_latest_and_one_that_overflowed_gets_none() {
+        let (tx, mut rx) = broadcast::channel(4);
+        tx.send(state(ProfileState::Refreshing)).unwrap();
+        tx.send(token(2)).unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!(coalesce(first, &mut rx), Some(vec![token(2)]));
+
+        tx.send(token(3)).unwrap();
+        let first = rx.recv().await.unwrap();
+        for g in 4..10 {
+            tx.send(token(g)).unwrap();
+        }
+        assert_eq!(coalesce(first, &mut rx), None);
+    }
 }
