@@ -23,7 +23,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use kontext_broker_protocol::Secret;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,7 +33,7 @@ use tokio::time::timeout;
 use super::*;
 use crate::clock::ManualClock;
 use crate::idp::Idp;
-use crate::store::{Endpoints, Store, StoreOptions, StoredAccessToken, PROFILE_FORMAT_VERSION};
+use crate::store::{Store, StoreOptions, StoredAccessToken};
 
 const T0_MS: u64 = 1_800_000_000_000;
 /// Real-time safety net for waits on events; never a timing assumption.
@@ -299,34 +298,17 @@ struct Rig {
 /// A profile whose token was issued at `T0` and lives `lifetime` seconds.
 fn record(token_url: String, lifetime: u64) -> ProfileRecord {
     let issued = T0_MS / 1000;
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: "chaos".into(),
-        issuer: "http://127.0.0.1".into(),
-        client_id: "cli".into(),
-        client_secret: None,
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec!["openid".into()],
-        audience: None,
-        endpoints: Endpoints {
-            token: token_url,
-            ..Endpoints::default()
-        },
-        subject: None,
-        refresh_token: Some(Secret::from("rt-0")),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: None,
-            token: Secret::from("at-0"),
-            token_type: "Bearer".into(),
-            issued_at: issued,
-            expires_at: issued + lifetime,
-            scopes: vec!["openid".into()],
-        }),
-        generation: 1,
-    }
+    ProfileRecord::builder("chaos", "http://127.0.0.1", "cli", token_url)
+        .scopes(["openid"])
+        .refresh_token("rt-0")
+        .access_token(StoredAccessToken::bearer(
+            "at-0",
+            issued,
+            issued + lifetime,
+            ["openid"],
+        ))
+        .generation(1)
+        .build()
 }
 
 /// An engine whose token lives `lifetime` s and whose IdP issues `ttl` s tokens.

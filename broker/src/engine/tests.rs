@@ -12,7 +12,7 @@ use tokio::time::timeout;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::store::{Endpoints, StoredAccessToken, PROFILE_FORMAT_VERSION};
+use crate::store::StoredAccessToken;
 
 const T0_MS: u64 = 1_800_000_000_000;
 const SAFETY: Duration = Duration::from_secs(10);
@@ -151,34 +151,23 @@ struct Rig {
 
 /// A record whose token was issued at `issued_ms` with a 100 s lifetime.
 fn record(issued_secs: u64) -> ProfileRecord {
-    ProfileRecord {
-        format_version: PROFILE_FORMAT_VERSION,
-        name: "work".into(),
-        issuer: "https://idp.example".into(),
-        client_id: "cli".into(),
-        client_secret: None,
-        client_key: None,
-        client_auth: None,
-        client_auth_detected: None,
-        client_rejected: None,
-        scopes: vec!["openid".into()],
-        audience: None,
-        endpoints: Endpoints {
-            token: "https://idp.example/token".into(),
-            ..Endpoints::default()
-        },
-        subject: Some("alice".into()),
-        refresh_token: Some(Secret::from("rt-0")),
-        access_token: Some(StoredAccessToken {
-            lifetime_source: None,
-            token: Secret::from("at-0"),
-            token_type: "Bearer".into(),
-            issued_at: issued_secs,
-            expires_at: issued_secs + 100,
-            scopes: vec!["openid".into()],
-        }),
-        generation: 1,
-    }
+    ProfileRecord::builder(
+        "work",
+        "https://idp.example",
+        "cli",
+        "https://idp.example/token",
+    )
+    .scopes(["openid"])
+    .subject("alice")
+    .refresh_token("rt-0")
+    .access_token(StoredAccessToken::bearer(
+        "at-0",
+        issued_secs,
+        issued_secs + 100,
+        ["openid"],
+    ))
+    .generation(1)
+    .build()
 }
 
 fn rig_with(record: ProfileRecord) -> Rig {

@@ -21,9 +21,9 @@ impl Service {
     /// swap it in and refresh at once (the way out of `client_rejected`).
     pub(super) async fn set_client(&self, set: SetClientRequest) -> Result<Token, BrokerError> {
         check_credential(&set.credential, set.client_auth).map_err(|e| e.to_wire())?;
-        let engine = self.engine(&set.profile)?;
-        let result = engine.set_client(set.credential, set.client_auth).await;
-        self.explain_gone(&set.profile, result)
+        self.engine(&set.profile)?
+            .set_client(set.credential, set.client_auth)
+            .await
     }
 
     pub(super) async fn import(&self, import: ImportRequest) -> Result<ProfileStatus, BrokerError> {

@@ -15,20 +15,21 @@ impl Service {
             Request::GetToken {
                 profile,
                 min_valid_secs,
-            } => {
-                let result = self.engine(&profile)?.get_token(min_valid_secs).await;
-                self.explain_gone(&profile, result).map(Response::Token)
-            }
+            } => self
+                .engine(&profile)?
+                .get_token(min_valid_secs)
+                .await
+                .map(Response::Token),
             Request::Invalidate {
                 profile,
                 generation,
-            } => {
-                let result = self.engine(&profile)?.invalidate(generation).await;
-                self.explain_gone(&profile, result).map(Response::Token)
-            }
+            } => self
+                .engine(&profile)?
+                .invalidate(generation)
+                .await
+                .map(Response::Token),
             Request::Refresh { profile } => {
-                let result = self.engine(&profile)?.refresh().await;
-                self.explain_gone(&profile, result).map(Response::Token)
+                self.engine(&profile)?.refresh().await.map(Response::Token)
             }
             Request::Status => Ok(Response::Status(self.status(None))),
             Request::StatusPage { after } => Ok(Response::Status(self.status(Some(&after)))),

@@ -108,24 +108,6 @@ impl Service {
         }
     }
 
-    /// An engine that stopped under a request (lock, logout, shutdown) answers
-    /// "unknown profile"; say what really happened instead.
-    pub(super) fn explain_gone<T>(
-        &self,
-        profile: &str,
-        result: Result<T, BrokerError>,
-    ) -> Result<T, BrokerError> {
-        match result {
-            Err(BrokerError::UnknownProfile { .. }) => match self.engine(profile) {
-                Err(now) => Err(now),
-                Ok(_) => Err(BrokerError::internal(
-                    "the profile's engine stopped during the request (shutdown or re-login); retry",
-                )),
-            },
-            other => other,
-        }
-    }
-
     /// Starts the engine of a profile loaded from its file, on the watcher channel `events`.
     fn spawn_loaded(
         &self,
