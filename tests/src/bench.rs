@@ -206,10 +206,28 @@ impl TokioEcho {
 /// its stdout captured like `$(cmd)` does, and returns each one's wall times.
 /// Panics when a command fails, printing its stderr.
 pub fn interleaved(commands: &mut [Command], rounds: usize) -> Vec<Vec<Duration>> {
+    interleaved_spaced(commands, rounds, Duration::ZERO)
+}
+
+/// [`interleaved`], but each command starts at least `gap` after its own
+/// previous start; the wait is not timed. For commands a rate limit would
+/// otherwise slow down (the broker makes at most one token-endpoint call a
+/// second per profile).
+pub fn interleaved_spaced(
+    commands: &mut [Command],
+    rounds: usize,
+    gap: Duration,
+) -> Vec<Vec<Duration>> {
     let mut times = vec![Vec::with_capacity(rounds); commands.len()];
+    let mut last_start: Vec<Option<Instant>> = vec![None; commands.len()];
     for _ in 0..rounds {
-        for (cmd, samples) in commands.iter_mut().zip(&mut times) {
+        for ((cmd, samples), last) in commands.iter_mut().zip(&mut times).zip(&mut last_start) {
+            if let Some(wait) = last.and_then(|l| (l + gap).checked_duration_since(Instant::now()))
+            {
+                std::thread::sleep(wait);
+            }
             let t = Instant::now();
+            *last = Some(t);
             let out = cmd.output().expect("spawning a benchmarked command");
             samples.push(t.elapsed());
             assert!(
