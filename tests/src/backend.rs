@@ -181,6 +181,31 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Waits until each of the sidecars `0..sidecars` (the `sidecar` member of
+    /// a heartbeat's body) has a heartbeat accepted after `after`. When a push
+    /// is `after`, every sidecar then holds the pushed token (the one it
+    /// replaced is inactive by then under rotation), so no heartbeat still
+    /// carrying the replaced token is left in flight.
+    pub async fn wait_until_each_accepted_after(
+        &self,
+        sidecars: u64,
+        after: Instant,
+        timeout: Duration,
+    ) {
+        self.wait_until(timeout, |hits| {
+            (0..sidecars).all(|id| {
+                hits.iter().any(|h| {
+                    h.at > after
+                        && (200..300).contains(&h.status)
+                        && h.body["sidecar"].as_u64() == Some(id)
+                })
+            })
+        })
+        .await;
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();

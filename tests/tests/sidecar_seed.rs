@@ -188,6 +188,13 @@ async fn ten_sidecars_lose_no_heartbeat_across_refreshes_revocations_and_a_resta
     tokio::time::sleep_until((t0 + Duration::from_secs(20)).into()).await;
     let current = client.get_token(PROFILE, Duration::ZERO).await.unwrap();
     let pushed = next_push(&mut watch, current.generation).await;
+    // Every sidecar first gets a heartbeat through with the pushed token. A
+    // heartbeat still carrying the token the push replaced (which the rotation
+    // deleted) would otherwise meet the deletion below twice: its 401, then a
+    // retry with the pushed token, deleted too.
+    backend
+        .wait_until_each_accepted_after(SIDECARS, Instant::now(), Duration::from_secs(30))
+        .await;
     let unauthorized_before_kill = backend.counts().unauthorized;
     delete_access_token(provider.issuer(), pushed.access_token.expose()).await;
     let killed_generation = pushed.generation;
