@@ -15,7 +15,7 @@ use kontext_broker_protocol::codec::encode_frame;
 use kontext_broker_protocol::{Response, ResponseFrame, ServerMessage};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_tests::scenario::{connect, import_fake};
 
 const SAMPLES: usize = 20_000;
 
@@ -66,14 +66,7 @@ fn main() {
     });
     let (median, p99, frame) = rt.block_on(async {
         let client = connect(broker.socket()).await;
-        import(
-            &client,
-            "default",
-            &idp.issuer(),
-            idp.client_id(),
-            &idp.mint(),
-        )
-        .await;
+        import_fake(&client, "default", &idp).await;
         let token = client.get_token("default", Duration::ZERO).await.unwrap();
         let frame = encode_frame(&ServerMessage::Response(ResponseFrame {
             id: 1,

@@ -26,7 +26,7 @@ use kontext_broker_client::BrokerClient;
 use kontext_broker_protocol::codec::encode_frame;
 use kontext_broker_tests::broker_process::{broker_binary, hello, BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_tests::scenario::{connect, import_fake};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -297,14 +297,7 @@ fn main() {
     });
     let client = client_rt.block_on(async {
         let client = connect(broker.socket()).await;
-        import(
-            &client,
-            "default",
-            &idp.issuer(),
-            idp.client_id(),
-            &idp.mint(),
-        )
-        .await;
+        import_fake(&client, "default", &idp).await;
         client
     });
     let secs = flood_secs();

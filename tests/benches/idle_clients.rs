@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kontext_broker_client::{BrokerClient, BrokerTokenSource};
 use kontext_broker_tests::broker_process::{broker_binary, BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::import;
+use kontext_broker_tests::scenario::import_fake;
 
 const CLIENTS: u64 = 1000;
 /// 30 MB (decimal, the stricter reading) in KiB.
@@ -91,14 +91,7 @@ async fn main() {
 
     // The same with watching token sources on one profile.
     let idp = FakeIdp::start(FakeIdpConfig::default()).await;
-    import(
-        &probe,
-        "default",
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    import_fake(&probe, "default", &idp).await;
     let idle = rss_at(&broker, &probe, 1).await;
     let started = Instant::now();
     let sources: Vec<BrokerTokenSource> = (0..CLIENTS)

@@ -179,9 +179,7 @@ impl Backend {
             self.counts()
         );
     }
-}
 
-impl Backend {
     /// Waits until each of the sidecars `0..sidecars` (the `sidecar` member of
     /// a heartbeat's body) has a heartbeat accepted after `after`. When a push
     /// is `after`, every sidecar then holds the pushed token (the one it

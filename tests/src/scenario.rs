@@ -7,6 +7,8 @@ use std::process::Output;
 use kontext_broker_client::{BrokerClient, ImportRequest, ProfileStatus, Secret};
 use serde_json::Value;
 
+use crate::fake_idp::FakeIdp;
+
 /// Path of the `broker-ctl` binary (package `kontext-broker-ctl`) next to
 /// `kontext-broker`; panics naming the build command when it is missing.
 pub fn broker_ctl_binary() -> PathBuf {
@@ -47,6 +49,11 @@ pub async fn import(
         })
         .await
         .expect("import")
+}
+
+/// Imports a fresh grant of `idp`'s public client as `profile`.
+pub async fn import_fake(client: &BrokerClient, profile: &str, idp: &FakeIdp) -> ProfileStatus {
+    import(client, profile, &idp.issuer(), idp.client_id(), &idp.mint()).await
 }
 
 /// Runs `broker-ctl --socket SOCKET ARGS...` and returns its output.

@@ -9,7 +9,7 @@ use kontext_broker::store::{Store, StoreOptions};
 use kontext_broker_client::{BrokerClient, Error};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{Failure, FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::{broker_ctl, connect, import};
+use kontext_broker_tests::scenario::{broker_ctl, connect, import, import_fake};
 use rand::Rng;
 use serde_json::Value;
 
@@ -68,14 +68,7 @@ async fn imported(grant: Grant) -> (FakeIdp, BrokerProcess, BrokerClient) {
     let client = connect(broker.socket()).await;
     match grant {
         Grant::Fresh => {
-            import(
-                &client,
-                PROFILE,
-                &idp.issuer(),
-                idp.client_id(),
-                &idp.mint(),
-            )
-            .await;
+            import_fake(&client, PROFILE, &idp).await;
         }
         Grant::Expired => import_expired(&client, PROFILE, &idp).await,
     }
@@ -177,14 +170,7 @@ async fn transient_failures_keep_serving_the_valid_token_and_fail_fast_after_exp
     let client = connect(broker.socket()).await;
 
     // Valid token, IdP failing: a forced refresh fails, the token is still served.
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    import_fake(&client, PROFILE, &idp).await;
     let before = client.get_token(PROFILE, Duration::ZERO).await.unwrap();
     idp.push_failure(Failure::Status500);
     let during = client.refresh(PROFILE).await.unwrap();

@@ -10,7 +10,7 @@ use kontext_broker_client::{ImportRequest, Secret};
 use kontext_broker_protocol::ClientCredential;
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess, RawClient};
 use kontext_broker_tests::fake_idp::{Failure, FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::{broker_ctl, connect, import};
+use kontext_broker_tests::scenario::{broker_ctl, connect, import, import_fake};
 use serde_json::{json, Value};
 
 const PROFILE: &str = "default";
@@ -117,14 +117,7 @@ async fn zero_lifetimes_and_a_get_token_loop_call_the_idp_at_most_once_a_second(
     .await;
     let broker = BrokerProcess::start(BrokerOptions::default());
     let client = connect(broker.socket()).await;
-    import(
-        &client,
-        PROFILE,
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    import_fake(&client, PROFILE, &idp).await;
     let before = idp.token_calls();
     let start = Instant::now();
     let mut served = 0u64;
@@ -153,7 +146,7 @@ async fn a_fifo_and_a_huge_profile_file_are_errors_and_the_rest_still_loads() {
     let idp = FakeIdp::start(FakeIdpConfig::default()).await;
     let mut broker = BrokerProcess::start(BrokerOptions::default());
     let client = connect(broker.socket()).await;
-    import(&client, "good", &idp.issuer(), idp.client_id(), &idp.mint()).await;
+    import_fake(&client, "good", &idp).await;
     drop(client);
     broker.sigterm();
     assert!(broker.wait_exit(Duration::from_secs(10)).success());

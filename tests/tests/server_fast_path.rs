@@ -9,7 +9,7 @@ use kontext_broker::server::MAX_IN_FLIGHT;
 use kontext_broker_protocol::{codec, ClientMessage, Request, RequestFrame, Response};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_tests::scenario::{connect, import_fake};
 
 /// Safety net for IdP calls that must arrive; never a budget.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,14 +31,7 @@ async fn broker_with_profile() -> (FakeIdp, BrokerProcess, String) {
     let idp = FakeIdp::start(FakeIdpConfig::default()).await;
     let broker = BrokerProcess::start(BrokerOptions::default());
     let client = connect(broker.socket()).await;
-    import(
-        &client,
-        "default",
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    import_fake(&client, "default", &idp).await;
     let token = client
         .get_token("default", Duration::ZERO)
         .await

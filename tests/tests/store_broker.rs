@@ -10,7 +10,7 @@ use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
 use kontext_broker_tests::oidc_provider::PUBLIC_CLIENT_ID;
 use kontext_broker_tests::scenario::{
-    broker_ctl, broker_ctl_binary, connect, import, provider_with_profile, WithProfile,
+    broker_ctl, broker_ctl_binary, connect, import, import_fake, provider_with_profile, WithProfile,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -53,14 +53,7 @@ async fn a_passphrase_broker_starts_locked_and_lock_unlock_work_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    import(
-        &client,
-        "default",
-        &idp.issuer(),
-        idp.client_id(),
-        &idp.mint(),
-    )
-    .await;
+    import_fake(&client, "default", &idp).await;
     let before = client.get_token("default", Duration::ZERO).await.unwrap();
 
     // A watcher stays subscribed across lock and unlock.
@@ -135,8 +128,8 @@ async fn a_corrupt_profile_is_isolated_reported_and_kept() {
     let idp = FakeIdp::start(FakeIdpConfig::default()).await;
     let mut broker = BrokerProcess::start(BrokerOptions::default());
     let client = connect(broker.socket()).await;
-    import(&client, "good", &idp.issuer(), idp.client_id(), &idp.mint()).await;
-    import(&client, "bad", &idp.issuer(), idp.client_id(), &idp.mint()).await;
+    import_fake(&client, "good", &idp).await;
+    import_fake(&client, "bad", &idp).await;
     drop(client);
     broker.sigterm();
     assert!(broker.wait_exit(Duration::from_secs(5)).success());
@@ -174,7 +167,7 @@ async fn a_corrupt_profile_is_isolated_reported_and_kept() {
         .collect();
     assert_eq!(kept.len(), 1, "the bad file is kept, renamed");
     // A new import replaces the broken profile.
-    import(&client, "bad", &idp.issuer(), idp.client_id(), &idp.mint()).await;
+    import_fake(&client, "bad", &idp).await;
     assert!(client.get_token("bad", Duration::ZERO).await.is_ok());
 }
 

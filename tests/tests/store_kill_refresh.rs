@@ -29,7 +29,7 @@ use kontext_broker::store::{Store, StoreOptions};
 use kontext_broker_client::{BrokerClient, Error};
 use kontext_broker_tests::broker_process::{BrokerOptions, BrokerProcess};
 use kontext_broker_tests::fake_idp::{FakeIdp, FakeIdpConfig};
-use kontext_broker_tests::scenario::{connect, import};
+use kontext_broker_tests::scenario::{connect, import_fake};
 use rand::Rng;
 
 const PROFILES: [&str; 4] = ["p0", "p1", "p2", "p3"];
@@ -133,7 +133,7 @@ async fn sigkill_during_refresh_cycles_never_tears_a_profile() {
     {
         let client = connect(broker.socket()).await;
         for name in PROFILES {
-            import(&client, name, &idp.issuer(), idp.client_id(), &idp.mint()).await;
+            import_fake(&client, name, &idp).await;
         }
     }
     let rounds = rounds();
@@ -152,7 +152,7 @@ async fn sigkill_during_refresh_cycles_never_tears_a_profile() {
                 (OnDisk::Current, Ok(_)) => {}
                 (OnDisk::Rotated, Err(Error::ReauthRequired { .. })) => {
                     relogins += 1;
-                    import(&client, name, &idp.issuer(), idp.client_id(), &idp.mint()).await;
+                    import_fake(&client, name, &idp).await;
                 }
                 (disk, other) => {
                     panic!("round {round}: {name} was {disk:?} on disk, got {other:?}")

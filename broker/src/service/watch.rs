@@ -22,19 +22,16 @@ impl Service {
             (current_events(profile, &slot.entry), rx)
         };
         let live = stream::unfold(
-            Some((rx, self.clone(), profile.to_owned())),
-            |state| async move {
-                let (mut rx, service, name) = state?;
+            (rx, self.clone(), profile.to_owned()),
+            |(mut rx, service, name)| async move {
                 let events = match rx.recv().await {
-                    Ok(event) => match coalesce(event, &mut rx) {
-                        Some(events) => events,
-                        None => service.events_now(&name),
-                    },
-                    // Too slow for the backlog: send where things stand now.
-                    Err(broadcast::error::RecvError::Lagged(_)) => service.events_now(&name),
+                    Ok(event) => coalesce(event, &mut rx),
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };
-                Some((events, Some((rx, service, name))))
+                // Too slow for the backlog: send where things stand now.
+                let events = events.unwrap_or_else(|| service.events_now(&name));
+                Some((events, (rx, service, name)))
             },
         )
         .flat_map(stream::iter);
@@ -168,10 +165,19 @@ mod tests {
             profile: "p".into(),
             message: "log in".into(),
         };
-        assert_eq!(
-            supersede(vec![reauth.clone(), token(2)]),
-            vec![reauth, token(2)]
-        );
+        let rejected = WatchEvent::ClientRejected {
+            profile: "p".into(),
+            message: "fix the client".into(),
+        };
+        let removed = WatchEvent::Removed {
+            profile: "p".into(),
+        };
+        let sticky = vec![reauth, rejected, removed];
+        let mut events = sticky.clone();
+        events.push(token(2));
+        let mut expected = sticky;
+        expected.push(token(2));
+        assert_eq!(supersede(events), expected);
     }
 
     #[tokio::test]
